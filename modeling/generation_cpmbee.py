@@ -1,0 +1,294 @@
+"""Decoding rules of the original CPM-Bee / VisCPM code, for exact reproduction of its answers.
+
+* `CpmBeeVocabMaskLogitsProcessor`: a row may produce only its own ext-table entries, and ``<unk>`` only
+  when its input contained an out-of-vocabulary piece (both set to -10000, as the original does).
+* `CpmBeeRepetitionPenaltyLogitsProcessor`: CTRL-style penalty over the tokens of the answer only
+  (the answer's ``<s>`` included, ext tokens counted by their base id), not over the prompt.
+* `cpmbee_beam_search`: the original beam search, step for step: temperature inside beam search, the top
+  ``2 * beams`` candidates per step, hypotheses scored ``sum_logprob / len ** length_penalty``, several
+  answer segments filled one after another, and the original's length limit and stopping rule.
+
+The standard ``model.generate()`` (greedy, sampling, transformers' beam search) remains available; these
+pieces are what VisCPM-Chat uses to give the same answer as the original for the same checkpoint.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor
+from transformers.cache_utils import DynamicCache
+
+MASKED_LOGIT = -10000.0
+
+
+def _rows(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Repeat a per-sample tensor for the beams/samples that generate() laid out per row."""
+    if tensor.shape[0] == num_rows:
+        return tensor
+    if num_rows % tensor.shape[0]:
+        raise ValueError(f"cannot spread {tensor.shape[0]} samples over {num_rows} rows")
+    return tensor.repeat_interleave(num_rows // tensor.shape[0], dim=0)
+
+
+class CpmBeeVocabMaskLogitsProcessor(LogitsProcessor):
+    """Forbid ``<unk>`` (unless ``unk_allowed``) and the ext-table entries of other samples in the batch."""
+
+    def __init__(self, vocab_size: int, unk_token_id: int, ext_table_mask=None, unk_allowed=None):
+        self.vocab_size = vocab_size
+        self.unk_token_id = unk_token_id
+        self.ext_table_mask = ext_table_mask
+        self.unk_allowed = unk_allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = scores.shape[0]
+        scores = scores.clone()
+        if self.unk_allowed is not None:
+            forbid_unk = ~_rows(self.unk_allowed.to(scores.device).bool(), rows)
+            scores[:, self.unk_token_id] = torch.where(
+                forbid_unk, torch.full_like(scores[:, 0], MASKED_LOGIT), scores[:, self.unk_token_id]
+            )
+        if self.ext_table_mask is not None and self.ext_table_mask.shape[-1] > 0:
+            own = _rows(self.ext_table_mask.to(scores.device).bool(), rows)
+            ext = scores[:, self.vocab_size: self.vocab_size + own.shape[-1]]
+            scores[:, self.vocab_size: self.vocab_size + own.shape[-1]] = ext.masked_fill(~own, MASKED_LOGIT)
+        return scores
+
+
+def apply_answer_repetition_penalty(scores: torch.Tensor, answer_tokens: torch.Tensor, penalty: float):
+    """CTRL penalty on ``scores`` ([rows, vocab]) for the (base) ids in ``answer_tokens`` ([rows, n])."""
+    if penalty == 1.0 or answer_tokens.shape[-1] == 0:
+        return scores
+    picked = torch.gather(scores, 1, answer_tokens)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(1, answer_tokens, picked)
+
+
+def base_ids(raw_ids: torch.Tensor, ext_table_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Raw ids (ids >= vocab_size index the ext table) to their base vocabulary ids."""
+    if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
+        return raw_ids
+    ext = _rows(ext_table_ids.to(raw_ids.device), raw_ids.shape[0])
+    index = (raw_ids - vocab_size).clamp(min=0, max=ext.shape[-1] - 1)
+    return torch.where(raw_ids >= vocab_size, torch.gather(ext, 1, index), raw_ids)
+
+
+class CpmBeeRepetitionPenaltyLogitsProcessor(LogitsProcessor):
+    """The original's repetition penalty: only the answer so far (from the prompt's final ``<s>``) counts."""
+
+    def __init__(self, penalty: float, prompt_length: int, vocab_size: int, ext_table_ids=None):
+        if penalty < 1.0:
+            raise ValueError(f"repetition_penalty must be >= 1, got {penalty}")
+        self.penalty = penalty
+        self.start = prompt_length - 1
+        self.vocab_size = vocab_size
+        self.ext_table_ids = ext_table_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = base_ids(input_ids[:, self.start:], self.ext_table_ids, self.vocab_size)
+        return apply_answer_repetition_penalty(scores, answer, self.penalty)
+
+
+class _Hypotheses:
+    """Finished answers of one sample, the best ``size`` kept, scored ``sum_logprob / len ** length_penalty``."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size = size
+        self.length_penalty = length_penalty
+        self.items: list[tuple[float, list]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list, sum_logprob: float) -> None:
+        score = sum_logprob / len(tokens) ** self.length_penalty
+        if len(self.items) < self.size or score > self.worst:
+            self.items.append((score, tokens))
+            if len(self.items) > self.size:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.items))
+                del self.items[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprob: float, step: int) -> bool:
+        if len(self.items) < self.size:
+            return False
+        return self.worst >= best_sum_logprob / step**self.length_penalty
+
+    def best(self) -> list:
+        return max(self.items, key=lambda item: item[0])[1]
+
+
+@torch.no_grad()
+def cpmbee_beam_search(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.LongTensor | None = None,
+    context_mask: torch.Tensor | None = None,
+    segment_rel: torch.LongTensor | None = None,
+    ext_table_ids: torch.LongTensor | None = None,
+    ext_table_sub: torch.LongTensor | None = None,
+    ext_table_mask: torch.Tensor | None = None,
+    unk_allowed: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    answer_segments: list[list[int]] | None = None,
+    beam_size: int = 3,
+    max_length: int = 100,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    temperature: float = 1.0,
+    **unused,
+) -> list[list[list[int]]]:
+    """The original CPM-Bee beam search over a `CpmBeeForCausalLM` (or a model exposing the same forward).
+
+    The inputs are a `CpmBeeTokenizer` encoding in the generation layout (the prompt ends with the first
+    answer segment's ``<s>``). ``answer_segments`` lists, per sample, the segment ids of its answer slots
+    in order (default: the one segment of the final ``<s>``); when one slot ends with ``</s>``, the next
+    starts with ``<s>``. ``max_length`` is the original's length argument (an answer may run a token or
+    two past it, as in the original). Returns, per sample, the raw token ids of each answer slot, without
+    the closing ``</s>``; decode them with the tokenizer.
+    """
+    if repetition_penalty < 1.0:
+        raise ValueError(f"repetition_penalty must be >= 1, got {repetition_penalty}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    config = model.config
+    vocab_size, eos, bos = config.vocab_size, config.eos_token_id, config.bos_token_id
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    if answer_segments is None:
+        if segment_ids is None:
+            answer_segments = [[0]] * batch
+        else:
+            answer_segments = [[int(s)] for s in segment_ids[:, -1].tolist()]
+    if len(answer_segments) != batch or any(len(slots) == 0 for slots in answer_segments):
+        raise ValueError("answer_segments needs a non-empty list of segment ids for every sample")
+    max_length += 1
+    rows = batch * beam_size
+
+    def expand(tensor):
+        return None if tensor is None else tensor.repeat_interleave(beam_size, dim=0)
+
+    ones = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
+    attention_mask = expand(attention_mask if attention_mask is not None else ones)
+    segment_ids = expand(segment_ids if segment_ids is not None else ones * 0)
+    context_mask = expand(context_mask if context_mask is not None else ones)
+    segment_rel, ext_table_ids, ext_table_sub = expand(segment_rel), expand(ext_table_ids), expand(ext_table_sub)
+    ext_size = 0 if ext_table_ids is None else ext_table_ids.shape[-1]
+
+    # The original's vocabulary rule, as one additive row per beam.
+    vocab_mask = torch.zeros((rows, vocab_size + ext_size), device=device)
+    unk_ok = expand(unk_allowed.bool()).to(device) if unk_allowed is not None else torch.zeros(
+        rows, dtype=torch.bool, device=device)
+    vocab_mask[:, config.unk_token_id] = (~unk_ok).float()
+    if ext_size:
+        own = expand(ext_table_mask.bool()) if ext_table_mask is not None else torch.ones(
+            (rows, ext_size), dtype=torch.bool, device=device)
+        vocab_mask[:, vocab_size:] = (~own.to(device)).float()
+    masked_positions = vocab_mask.bool()
+
+    cache = DynamicCache(config=config)
+    outputs = model(
+        input_ids=None if inputs_embeds is not None else expand(input_ids),
+        inputs_embeds=expand(inputs_embeds),
+        attention_mask=attention_mask, segment_ids=segment_ids, context_mask=context_mask,
+        segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+        cache=cache, use_cache=True, logits_to_keep=1,
+    )
+    cache = outputs.cache
+    logits = outputs.logits[:, -1].float()
+
+    fed = torch.full((rows, 1), bos, dtype=torch.long, device=device)  # answer tokens fed so far (base ids)
+    beam_scores = torch.zeros((batch, beam_size), device=device)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    hypotheses = [_Hypotheses(beam_size, length_penalty) for _ in range(batch)]
+    done = [False] * batch
+    states = [[{"slot": 0, "tokens": []} for _ in range(beam_size)] for _ in range(batch)]
+
+    for step in range(max_length + 1):
+        if step > 0:
+            outputs = model(
+                input_ids=next_tokens[:, None], attention_mask=attention_mask, segment_ids=segment_ids,
+                context_mask=context_mask, segment_rel=segment_rel, ext_table_ids=ext_table_ids,
+                ext_table_sub=ext_table_sub, cache=cache, use_cache=True,
+            )
+            cache = outputs.cache
+            logits = outputs.logits[:, -1].float()
+        if all(done):
+            break
+
+        logits = logits.masked_fill(masked_positions, MASKED_LOGIT)
+        logits = apply_answer_repetition_penalty(logits, fed, repetition_penalty)
+        scores = F.log_softmax(logits / temperature, dim=-1)
+        width = scores.shape[-1]
+        candidates = (scores + beam_scores[:, None]).view(batch, -1)
+        top_scores, top_ids = torch.topk(candidates, 2 * beam_size, dim=1, largest=True, sorted=True)
+        top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
+
+        reorder, new_scores, new_states, tokens, segments = [], [], [], [], []
+        for sample in range(batch):
+            done[sample] = done[sample] or hypotheses[sample].is_done(max(top_scores[sample]), step)
+            if done[sample]:
+                for beam in range(beam_size):
+                    reorder.append(sample * beam_size + beam)
+                    new_scores.append(0.0)
+                    tokens.append(config.pad_token_id)
+                    segments.append(0)
+                new_states.append([{"slot": 0, "tokens": []}] * beam_size)
+                continue
+            slots = answer_segments[sample]
+            chosen = []
+            for flat_id, value in zip(top_ids[sample], top_scores[sample]):
+                beam, word = divmod(flat_id, width)
+                state = states[sample][beam]
+                answer = state["tokens"] + [(word, state["slot"])]
+                if (word == eos and state["slot"] + 1 == len(slots)) or step == max_length:
+                    hypotheses[sample].add(answer, value)
+                    continue
+                if word == eos:
+                    chosen.append(({"slot": state["slot"] + 1, "tokens": answer}, value, beam, bos,
+                                   slots[state["slot"] + 1]))
+                else:
+                    chosen.append(({"slot": state["slot"], "tokens": answer}, value, beam, word,
+                                   slots[state["slot"]]))
+                if len(chosen) == beam_size:
+                    break
+            if step == max_length:
+                continue
+            new_states.append([item[0] for item in chosen])
+            for _, value, beam, token, segment in chosen:
+                reorder.append(sample * beam_size + beam)
+                new_scores.append(value)
+                tokens.append(token)
+                segments.append(segment)
+        if step == max_length:
+            break
+
+        states = new_states
+        index = torch.tensor(reorder, device=device)
+        cache.reorder_cache(index)
+        beam_scores = torch.tensor(new_scores, device=device)
+        next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+        fed = torch.cat([fed[index], base_ids(next_tokens[:, None], ext_table_ids, vocab_size)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
+        segment_ids = torch.cat([segment_ids[index], torch.tensor(segments, device=device)[:, None]], dim=1)
+        context_mask = torch.cat([context_mask, context_mask.new_zeros((rows, 1))], dim=1)
+
+    results = []
+    for sample in range(batch):
+        best = hypotheses[sample].best()
+        per_slot = [[] for _ in answer_segments[sample]]
+        for word, slot in best:
+            per_slot[slot].append(word)
+        for slot_tokens in per_slot:
+            if slot_tokens and slot_tokens[-1] == eos:
+                slot_tokens.pop()
+        results.append(per_slot)
+    return results
+
+
+__all__ = [
+    "CpmBeeRepetitionPenaltyLogitsProcessor",
+    "CpmBeeVocabMaskLogitsProcessor",
+    "apply_answer_repetition_penalty",
+    "cpmbee_beam_search",
+]

@@ -1,0 +1,561 @@
+"""CPM-Bee, the bilingual (Chinese/English) language model under VisCPM, as a transformers model.
+
+The mathematics follow the original implementation exactly (see REFERENCE.md):
+
+* linear layers have no bias and are rescaled by ``1/sqrt(fan_in)`` (after the matmul, except for the FFN
+  output, where the input is scaled first); they are plain ``nn.Linear`` so peft can wrap them;
+* pre-norm blocks with a weight-only RMSNorm, and every residual sum divided by ``residual_scale`` (1.05);
+* the input embedding is ``E[id] / sqrt(dim)`` rotated by the token's *sub* index, which keeps several
+  out-of-vocabulary pieces (or numbered special tokens) apart although they share one base id;
+* logits are ``h / sqrt(dim) @ E^T`` followed by ``h @ ext^T``, where ``ext`` holds the rotated embeddings
+  of the batch's ext table, so the model can copy an out-of-vocabulary piece;
+* one relative position bias shared by all layers: a bidirectional log bucket of the distance inside a
+  segment, and a segment-relation bucket between segments;
+* context tokens see every context token; tokens to predict see the context plus earlier predicted tokens.
+
+Token ids at or above ``vocab_size`` index the batch ext table (``ext_table_ids``/``ext_table_sub``,
+produced by `CpmBeeTokenizer`), which is how generated out-of-vocabulary pieces flow back in as input.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessorList
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_cpmbee import CpmBeeConfig
+from .generation_cpmbee import CpmBeeVocabMaskLogitsProcessor
+
+
+class CpmBeeRMSNorm(nn.Module):
+    """Weight-only RMSNorm; the variance is computed in float32 and the result cast back before the weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        variance = hidden_states.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+        hidden_states = (hidden_states * torch.rsqrt(variance + self.eps)).to(dtype)
+        return hidden_states * self.weight
+
+
+class CpmBeeEmbedding(nn.Embedding):
+    """Token embedding scaled by ``1/sqrt(dim)`` and rotated by the token's sub index.
+
+    The rotation angle is ``sub * distance_scale * inv_freq`` (half-split rotation). It is computed in
+    ``config.rotary_dtype``: the released checkpoints were trained with it in float16, and ext-table
+    embeddings only match the original when the angles are rounded the same way.
+    """
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__(config.vocab_size, config.hidden_size)
+        self.distance_scale = config.rotary_distance_scale
+        self.base = config.rotary_base
+        self.rotary_dtype = getattr(torch, config.rotary_dtype)
+
+    def rotate(self, embeds: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        dim = embeds.shape[-1]
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, device=embeds.device, dtype=torch.float32) / dim))
+        angles = (sub * self.distance_scale)[..., None].to(self.rotary_dtype) * inv_freq.to(self.rotary_dtype)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(embeds.dtype), angles.sin().to(embeds.dtype)
+        half = dim // 2
+        rotated = torch.cat((-embeds[..., half:], embeds[..., :half]), dim=-1)
+        return embeds * cos + rotated * sin
+
+    def forward(self, input_ids: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = F.embedding(input_ids, self.weight) / math.sqrt(self.embedding_dim)
+        if sub is None:
+            return embeds
+        return self.rotate(embeds, sub)
+
+
+class CpmBeePositionBias(nn.Module):
+    """Relative position bias shared by all layers, returned as ``[batch, heads, q_len, k_len]``.
+
+    Pairs inside one segment (relation bucket 0) use a bidirectional log bucket of ``key_pos - query_pos``;
+    pairs across segments use bucket ``num_buckets + relation - 1``, the relation coming from the
+    segment-relation table of the structured input.
+    """
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.num_buckets = config.position_bias_num_buckets
+        self.max_distance = config.position_bias_max_distance
+        self.weight = nn.Parameter(
+            torch.empty(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
+                        config.num_attention_heads)
+        )
+
+    def position_bucket(self, relative_position: torch.Tensor) -> torch.Tensor:
+        half = self.num_buckets // 2
+        buckets = (relative_position > 0).to(torch.int32) * half
+        distance = relative_position.abs()
+        max_exact = half // 2
+        # The order of the float operations is the original's: a different rounding moves boundary buckets.
+        large = max_exact + (
+            torch.log(distance.float() / max_exact) / math.log(self.max_distance / max_exact) * (half - max_exact)
+        ).to(torch.int32)
+        large = torch.clamp(large, max=half - 1)
+        return buckets + torch.where(distance < max_exact, distance.to(torch.int32), large)
+
+    def forward(self, query_pos: torch.Tensor, key_pos: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+        inner = self.position_bucket(key_pos[None, :] - query_pos[:, None])  # [q, k]
+        buckets = torch.where(relation == 0, inner[None], relation - 1 + self.num_buckets)
+        return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    visible: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The original's attention: scores + bias, masked with -inf, softmax, then masked to 0 (so a fully
+    masked row yields zeros, not NaN)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1]) + position_bias
+    hidden = ~visible[:, None]
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(hidden, 0.0)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+class CpmBeeAttention(nn.Module):
+    def __init__(self, config: CpmBeeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = 1
+        self.is_causal = False
+        self.scaling = self.head_dim**-0.5
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.in_scale = math.sqrt(config.hidden_size)
+        self.out_scale = math.sqrt(inner)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_bias: torch.Tensor,
+        visible: torch.Tensor,
+        additive_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, q_len, _ = hidden_states.shape
+        shape = (batch, q_len, self.num_heads, self.head_dim)
+        query = (self.q_proj(hidden_states) / self.in_scale).view(shape).transpose(1, 2)
+        key = (self.k_proj(hidden_states) / self.in_scale).view(shape).transpose(1, 2)
+        value = (self.v_proj(hidden_states) / self.in_scale).view(shape).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        dropout = self.config.dropout if self.training else 0.0
+        implementation = self.config._attn_implementation or "eager"
+        if implementation == "eager":
+            output, weights = eager_attention_forward(
+                self, query, key, value, None, self.scaling, dropout, position_bias=position_bias, visible=visible
+            )
+        else:
+            # Other kernels take the bias and the visibility folded into one additive mask.
+            attention: Callable = ALL_ATTENTION_FUNCTIONS[implementation]
+            output, weights = attention(
+                self, query, key, value, additive_mask, dropout=dropout, scaling=self.scaling, is_causal=False
+            )
+        output = self.o_proj(output.reshape(batch, q_len, -1)) / self.out_scale
+        return output, weights
+
+
+class CpmBeeMLP(nn.Module):
+    """Gated GELU feed-forward: ``down(gelu(gate(x)) * up(x))`` with the original's fan-in scaling."""
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(config.dropout)
+        self.in_scale = math.sqrt(config.hidden_size)
+        self.out_scale = math.sqrt(config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = self.act(self.gate_proj(hidden_states) / self.in_scale)
+        hidden_states = self.dropout(gate * (self.up_proj(hidden_states) / self.in_scale))
+        return self.down_proj(hidden_states / self.out_scale)
+
+
+class CpmBeeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: CpmBeeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = CpmBeeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = CpmBeeAttention(config, layer_idx)
+        self.post_attention_layernorm = CpmBeeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = CpmBeeMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.residual_scale = config.residual_scale
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_bias: torch.Tensor,
+        visible: torch.Tensor,
+        additive_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        attended, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_bias, visible, additive_mask, cache=cache
+        )
+        hidden_states = (hidden_states + self.dropout(attended)) / self.residual_scale
+        fed = self.mlp(self.post_attention_layernorm(hidden_states))
+        return (hidden_states + self.dropout(fed)) / self.residual_scale
+
+
+class CpmBeePreTrainedModel(PreTrainedModel):
+    config_class = CpmBeeConfig
+    config: CpmBeeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CpmBeeDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Every projection rescales by 1/sqrt(fan_in), so unit-variance weights keep activations at unit scale.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, CpmBeePositionBias):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, CpmBeeRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class CpmBeeModel(CpmBeePreTrainedModel):
+    """The CPM-Bee transformer: embeddings, position bias, layers and the final norm."""
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__(config)
+        self.embed_tokens = CpmBeeEmbedding(config)
+        self.position_bias = CpmBeePositionBias(config)
+        self.layers = nn.ModuleList(CpmBeeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = CpmBeeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def resolve_ext_ids(
+        self, input_ids: torch.Tensor, ext_table_ids: torch.Tensor | None, ext_table_sub: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map raw ids (ids >= vocab_size index the ext table) to (base id, sub index) pairs."""
+        vocab_size = self.config.vocab_size
+        is_ext = input_ids >= vocab_size
+        if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
+            if bool(is_ext.any()):
+                raise ValueError(
+                    f"input_ids contain ids >= vocab_size ({vocab_size}) but no ext table was given: pass the "
+                    "`ext_table_ids` and `ext_table_sub` that CpmBeeTokenizer returned with these ids"
+                )
+            return input_ids, torch.zeros_like(input_ids)
+        index = (input_ids - vocab_size).clamp(min=0)
+        if bool((index[is_ext] >= ext_table_ids.shape[-1]).any()):
+            raise ValueError(
+                f"input_ids refer to ext-table entries beyond its size {ext_table_ids.shape[-1]}: the ids and the "
+                "ext table come from different tokenizer calls"
+            )
+        ext_ids = ext_table_ids.expand(input_ids.shape[0], -1)
+        ext_sub = ext_table_sub.expand(input_ids.shape[0], -1)
+        base = torch.where(is_ext, torch.gather(ext_ids, 1, index), input_ids)
+        sub = torch.where(is_ext, torch.gather(ext_sub, 1, index), torch.zeros_like(input_ids))
+        return base, sub
+
+    def embed(self, input_ids, ext_table_ids=None, ext_table_sub=None) -> torch.Tensor:
+        base, sub = self.resolve_ext_ids(input_ids, ext_table_ids, ext_table_sub)
+        return self.embed_tokens(base, sub)
+
+    def ext_embeddings(self, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor) -> torch.Tensor:
+        """Rotated embeddings of the ext table, ``[batch, ext_size, dim]``: the extra output columns."""
+        return self.embed_tokens(ext_table_ids, ext_table_sub)
+
+    def _attention_inputs(self, batch, q_len, past_len, segment_ids, context_mask, attention_mask, segment_rel,
+                          device, dtype):
+        """Position bias ``[B, H, q, k]`` and visibility ``[B, q, k]`` for the current queries."""
+        k_len = past_len + q_len
+
+        def full_length(tensor, name, default):
+            if tensor is None:
+                return torch.full((batch, k_len), default, dtype=torch.long, device=device)
+            if tensor.shape[-1] == k_len:
+                return tensor.to(device)
+            raise ValueError(
+                f"`{name}` has length {tensor.shape[-1]} but the cache holds {past_len} tokens and {q_len} are "
+                f"new: pass `{name}` for all {k_len} tokens (cached + new), like `attention_mask`"
+            )
+
+        segment_ids = full_length(segment_ids, "segment_ids", 0)
+        context_mask = full_length(context_mask, "context_mask", 1).bool()
+        attention_mask = full_length(attention_mask, "attention_mask", 1).bool()
+
+        if segment_rel is None:
+            relation = torch.zeros((batch, q_len, k_len), dtype=torch.long, device=device)
+        else:
+            segment_rel = segment_rel.to(device)
+            num_segments = segment_rel.shape[-1]
+            if int(segment_ids.max()) >= num_segments:
+                raise ValueError(
+                    f"segment_ids go up to {int(segment_ids.max())} but segment_rel covers {num_segments} segments"
+                )
+            flat = segment_ids[:, past_len:, None] * num_segments + segment_ids[:, None, :]
+            relation = torch.gather(segment_rel.reshape(batch, -1), 1, flat.reshape(batch, -1)).view(batch, q_len, k_len)
+
+        positions = torch.arange(k_len, device=device)
+        query_pos = positions[past_len:]
+        position_bias = self.position_bias(query_pos, positions, relation).to(dtype)
+
+        query_context = context_mask[:, past_len:, None]
+        causal = positions[None, :] <= query_pos[:, None]
+        visible = context_mask[:, None, :] | (~query_context & causal[None])
+        visible = visible & attention_mask[:, None, :]
+        return position_bias, visible
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        ext_table_ids: torch.LongTensor | None = None,
+        ext_table_sub: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        segment_ids (`[batch, seq]`): segment of each token in the structured input (0 = root/plain text).
+        context_mask (`[batch, seq]`): 1 for context tokens, 0 for tokens being predicted (default: all 1).
+        segment_rel (`[batch, n_seg, n_seg]`): relation bucket of each segment pair (0 = same segment).
+        ext_table_ids / ext_table_sub (`[batch, ext]`): the batch ext table; ids >= vocab_size index it.
+
+        With a cache, ``attention_mask``, ``segment_ids`` and ``context_mask`` cover the cached tokens too.
+        """
+        if cache is None:
+            cache = past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, ext_table_ids, ext_table_sub)
+        batch, q_len = inputs_embeds.shape[:2]
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        position_bias, visible = self._attention_inputs(
+            batch, q_len, past_len, segment_ids, context_mask, attention_mask, segment_rel,
+            inputs_embeds.device, inputs_embeds.dtype,
+        )
+        additive_mask = None
+        if (self.config._attn_implementation or "eager") != "eager":
+            additive_mask = position_bias.masked_fill(~visible[:, None], torch.finfo(position_bias.dtype).min)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(
+                hidden_states, position_bias, visible, additive_mask, cache=cache, use_cache=use_cache
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
+        )
+
+
+class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
+    """CPM-Bee with its output head: the tied embedding for the base vocabulary plus the ext-table columns.
+
+    ``logits`` have ``vocab_size + ext_size`` columns; column ``vocab_size + k`` is ext-table entry ``k``.
+    ``labels`` are aligned with the positions (``labels[:, p]`` is the token to predict *at* position p, as
+    the original training targets are: the next token inside a predicted segment, ``</s>`` closing it);
+    `CpmBeeTokenizer(..., return_labels=True)` builds them. They are not shifted again here.
+    """
+
+    def __init__(self, config: CpmBeeConfig):
+        super().__init__(config)
+        self.model = CpmBeeModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return None
+
+    def compute_logits(self, hidden_states, ext_table_ids=None, ext_table_sub=None) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight
+        logits = F.linear(hidden_states / math.sqrt(self.config.hidden_size), weight)
+        if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
+            ext = self.model.ext_embeddings(
+                ext_table_ids.expand(hidden_states.shape[0], -1), ext_table_sub.expand(hidden_states.shape[0], -1)
+            )
+            logits = torch.cat([logits, torch.matmul(hidden_states, ext.transpose(1, 2))], dim=-1)
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        ext_table_ids: torch.LongTensor | None = None,
+        ext_table_sub: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            context_mask=context_mask,
+            segment_rel=segment_rel,
+            ext_table_ids=ext_table_ids,
+            ext_table_sub=ext_table_sub,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.compute_logits(hidden_states, ext_table_ids, ext_table_sub)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if bool((labels >= logits.shape[-1]).any()):
+                raise ValueError(
+                    f"labels contain ids >= {logits.shape[-1]} (vocab + ext table): build labels and ext table "
+                    "in the same tokenizer call"
+                )
+            flat_logits = logits.float().reshape(-1, logits.shape[-1])
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100)
+            else:
+                loss = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
+                loss = loss / num_items_in_batch
+
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, segment_ids=None,
+                                      context_mask=None, segment_rel=None, ext_table_ids=None, ext_table_sub=None,
+                                      **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
+        # Per-token metadata always covers cached + new tokens (sliced inside the model).
+        model_inputs.update(
+            segment_ids=segment_ids, context_mask=context_mask, segment_rel=segment_rel,
+            ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+        )
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        # New tokens continue the segment being predicted, and are not context.
+        if (segment_ids := model_kwargs.get("segment_ids")) is not None:
+            model_kwargs["segment_ids"] = torch.cat(
+                [segment_ids, segment_ids[:, -1:].expand(-1, num_new_tokens)], dim=-1
+            )
+        if (context_mask := model_kwargs.get("context_mask")) is not None:
+            model_kwargs["context_mask"] = torch.cat(
+                [context_mask, context_mask.new_zeros((context_mask.shape[0], num_new_tokens))], dim=-1
+            )
+        return model_kwargs
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, ext_table_mask=None,
+                 unk_allowed=None, **kwargs):
+        """`GenerationMixin.generate`, plus the original's vocabulary rule when the tokenizer's
+        ``ext_table_mask``/``unk_allowed`` are passed: a row may only produce its own ext-table entries,
+        and ``<unk>`` only when its input had an out-of-vocabulary piece."""
+        if ext_table_mask is not None or unk_allowed is not None:
+            processor = CpmBeeVocabMaskLogitsProcessor(
+                vocab_size=self.config.vocab_size,
+                unk_token_id=self.config.unk_token_id,
+                ext_table_mask=ext_table_mask,
+                unk_allowed=unk_allowed,
+            )
+            logits_processor = LogitsProcessorList([*(logits_processor or []), processor])
+        return super().generate(
+            inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
+        )
+
+
+__all__ = ["CpmBeeForCausalLM", "CpmBeeModel", "CpmBeePreTrainedModel"]

@@ -1,0 +1,47 @@
+"""viscpm-hf: VisCPM (Chat and Paint) and CPM-Bee as native Hugging Face models.
+
+The import name is ``viscpm``; the model definitions in ``modeling/`` are installed as
+``viscpm.modeling`` and also ship to the Hub as remote code, so they import only
+torch/transformers/diffusers and each other.
+"""
+
+from setuptools import setup
+
+setup(
+    name="viscpm-hf",
+    version="0.1.0.dev0",
+    description="VisCPM-Chat, VisCPM-Paint and CPM-Bee as transformers/diffusers models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["viscpm", "viscpm.modeling"],
+    package_dir={"viscpm": "viscpm", "viscpm.modeling": "modeling"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.24,<6",
+        "diffusers>=0.42",
+        "peft>=0.21",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "pillow>=10.0",
+        "tqdm",
+    ],
+    extras_require={
+        # The original implementation is the test oracle. It is installed without its
+        # declared dependencies (they pin old releases), so what it imports is listed here.
+        "test": [
+            "pytest>=8",
+            "VisCPM==0.0.1.dev0",
+            "torchscale==0.3.0",
+            "fairscale==0.4.0",
+            "timm",
+            "opencv-python-headless",
+            "torchvision",
+            "setuptools<81",
+        ],
+    },
+    entry_points={},
+)
