@@ -172,6 +172,13 @@ class CpmBeeAttention(nn.Module):
         value = (self.v_proj(hidden_states) / self.in_scale).view(shape).transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+            if key.shape[-2] > position_bias.shape[-1]:
+                # A static cache returns all its slots: the unfilled ones get no bias and are hidden.
+                extra = key.shape[-2] - position_bias.shape[-1]
+                position_bias = F.pad(position_bias, (0, extra))
+                visible = F.pad(visible, (0, extra), value=False)
+                if additive_mask is not None:
+                    additive_mask = F.pad(additive_mask, (0, extra), value=torch.finfo(additive_mask.dtype).min)
 
         dropout = self.config.dropout if self.training else 0.0
         implementation = self.config._attn_implementation or "eager"
@@ -322,7 +329,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
                 return tensor.to(device)
             raise ValueError(
                 f"`{name}` has length {tensor.shape[-1]} but the cache holds {past_len} tokens and {q_len} are "
-                f"new: pass `{name}` for all {k_len} tokens (cached + new), like `attention_mask`"
+                f"new: pass a 2D `{name}` covering all {k_len} tokens (cached + new)"
             )
 
         segment_ids = full_length(segment_ids, "segment_ids", 0)
@@ -517,8 +524,10 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
-        # Per-token metadata always covers cached + new tokens (sliced inside the model).
+        # Per-token metadata (and the 2D padding mask, never a prebuilt 4D one) covers cached + new tokens;
+        # the model slices the queries' part itself.
         model_inputs.update(
+            attention_mask=attention_mask,
             segment_ids=segment_ids, context_mask=context_mask, segment_rel=segment_rel,
             ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
         )

@@ -67,3 +67,51 @@ def build_original_cpmbee(seed: int = 0, **overrides) -> "OriginalCpmBee":
             else:
                 param.copy_(torch.randn(param.shape, generator=generator))
     return model.eval()
+
+
+def original_prompt(datas):
+    """The original's batched generation inputs for structured dicts: (model_inputs, other_info)."""
+    import copy
+
+    from VisCPM.generation.vllm_bee import VLLMCPMBeeGeneration
+
+    builder = VLLMCPMBeeGeneration.__new__(VLLMCPMBeeGeneration)
+    builder.tokenizer = OriginalTokenizer()
+    builder.device = "cpu"
+    return builder._process_list(copy.deepcopy(datas))
+
+
+def original_logits(model, model_inputs):
+    """Logits of the original's incremental `inference` over its (left-padded) prompt."""
+    with torch.no_grad():
+        logits, _, _ = model.inference(
+            model_inputs["input_ids"], model_inputs["input_id_subs"], model_inputs["input_pos"],
+            model_inputs["context"], model_inputs["sample_idx"], model_inputs["num_segments"],
+            model_inputs["segment_ids"], model_inputs["segment_rel_offset"], model_inputs["segment_rel"],
+            model_inputs["batch_ext_table_ids"], model_inputs["batch_ext_table_sub"],
+        )
+    return logits
+
+
+def original_beam_search(model, datas, **settings):
+    """Answers of the original beam search (`VLLMCPMBeeBeamSearch._decode`) as lists of raw ids per
+    answer slot, without the closing `</s>`."""
+    from types import SimpleNamespace
+
+    from VisCPM.generation.vllm_bee import VLLMCPMBeeBeamSearch
+
+    model_inputs, info = original_prompt(datas)
+    search = VLLMCPMBeeBeamSearch.__new__(VLLMCPMBeeBeamSearch)
+    search.tokenizer = OriginalTokenizer()
+    search.device = "cpu"
+    search.model = SimpleNamespace(llm=model)
+    with torch.no_grad():
+        model_inputs["hidden_states"] = model.input_embedding(model_inputs["input_ids"], model_inputs["input_id_subs"])
+        results = search._decode(model_inputs, info, **settings)
+    answers = []
+    for result, sample_info in zip(results, info):
+        slots = [[] for _ in sample_info["answer_placeholders"]]
+        for word, slot in result:
+            slots[slot - 1].append(word)
+        answers.append([s[:-1] if s and s[-1] == search.tokenizer.eos_id else s for s in slots])
+    return answers

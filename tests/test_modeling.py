@@ -1,0 +1,341 @@
+"""CPM-Bee against the original implementation: a tiny random original model is saved in the original
+checkpoint format, converted with our converter, loaded with `from_pretrained`, and compared in fp32."""
+
+import copy
+
+import pytest
+import torch
+from oracle import (
+    OriginalTokenizer,
+    build_original_cpmbee,
+    convert_data_to_id,
+    original_beam_search,
+    original_logits,
+    original_prompt,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import viscpm
+from viscpm import CpmBeeForCausalLM
+from viscpm.modeling.generation_cpmbee import cpmbee_beam_search
+
+PROMPTS = [
+    {"input": "今天天气不错，我们去公园散步吧。", "question": "What should we do? 𠀀𠀁 <<tag>", "<ans>": ""},
+    {"caption": "a cat on a mat 😺", "<ans>": ""},
+    {"context": {"title": "VisCPM", "body": "多模态大模型 𠀂 and <unk_2> 𠀀"}, "<ans>": ""},
+]
+GENERATION_KEYS = ("attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids", "ext_table_sub")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, vocab_file):
+    """(original model, our converted model, our tokenizer), with identical weights."""
+    from viscpm.convert import convert_cpmbee_checkpoint
+
+    original = build_original_cpmbee(seed=0)
+    root = tmp_path_factory.mktemp("cpmbee")
+    checkpoint = root / "cpm-bee.pt"
+    torch.save(original.state_dict(), checkpoint)
+    config_file = root / "config.json"
+    from oracle import TINY_ORIGINAL_CONFIG
+    import json
+
+    config_file.write_text(json.dumps(TINY_ORIGINAL_CONFIG))
+    convert_cpmbee_checkpoint(checkpoint, root / "hf", config=config_file, vocab_file=vocab_file, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    assert isinstance(model, CpmBeeForCausalLM)
+    return original, model, tokenizer, root / "hf"
+
+
+def _inputs(tokenizer, datas, **kwargs):
+    return tokenizer(copy.deepcopy(datas), return_tensors="pt", padding=True, **kwargs)
+
+
+def _real(attention_mask):
+    return attention_mask.bool()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_logits_match_original_batched(pair, implementation):
+    original, model, tokenizer, _ = pair
+    model_inputs, _ = original_prompt(PROMPTS)
+    expected = original_logits(original, model_inputs)
+    inputs = _inputs(tokenizer, PROMPTS)
+    model.config._attn_implementation = implementation
+    try:
+        with torch.no_grad():
+            logits = model(**{k: inputs[k] for k in ("input_ids", *GENERATION_KEYS)}, use_cache=False).logits
+    finally:
+        model.config._attn_implementation = "eager"
+    # Our prompt is the original's plus the answer's <s>; padding is on the left in both.
+    prompt = logits[:, :-1]
+    real = _real(inputs["attention_mask"][:, :-1])
+    assert prompt.shape[-1] == expected.shape[-1]  # vocabulary + the same ext columns
+    assert torch.allclose(prompt[real], expected[real], atol=1e-4, rtol=0)
+
+
+def test_logits_match_original_one_by_one(pair):
+    original, model, tokenizer, _ = pair
+    for data in PROMPTS:
+        model_inputs, _ = original_prompt([data])
+        expected = original_logits(original, model_inputs)[0]
+        inputs = _inputs(tokenizer, [data])
+        with torch.no_grad():
+            logits = model(**{k: inputs[k] for k in ("input_ids", *GENERATION_KEYS)}).logits[0, :-1]
+        assert torch.allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def _original_training_batch(datas, max_len):
+    from VisCPM.utils.utils import CPMBeeCollater
+
+    tokenizer = OriginalTokenizer()
+    items = []
+    for data in datas:
+        ids, subs, context, segments, rel, n_segments, _, _ = convert_data_to_id(
+            tokenizer, copy.deepcopy(data), shuffle_answer=False
+        )
+        items.append({
+            "input_ids": torch.from_numpy(ids)[None], "input_id_subs": torch.from_numpy(subs)[None],
+            "context": torch.from_numpy(context)[None], "segment_ids": torch.from_numpy(segments)[None],
+            "segment_rel_offset": torch.zeros(1, len(ids), dtype=torch.int32),
+            "segment_rel": torch.from_numpy(rel)[None],
+            "sample_ids": torch.zeros(1, len(ids), dtype=torch.int32),
+            "num_segments": torch.full((1, len(ids)), n_segments, dtype=torch.int32),
+            "raw_data": [data],
+        })
+    return CPMBeeCollater(tokenizer, max_len)(items)
+
+
+def test_training_forward_and_loss_match_original(pair):
+    """The full sequence with answers in place (context tokens bidirectional, answers causal), as the
+    original trains, with the original collater's targets."""
+    original, model, tokenizer, _ = pair
+    datas = [
+        {"question": "1 + 1 = ?", "<ans>": "2 𠀀"},
+        {"input": "天空是蓝色的", "<ans>": {"颜色": "蓝色", "en": "blue 𠀁𠀂"}},
+    ]
+    batch = _original_training_batch(datas, max_len=40)
+    with torch.no_grad():
+        expected, _ = original(
+            batch["input_ids"], batch["input_id_subs"], batch["length"], batch["context"], batch["sample_ids"],
+            batch["num_segments"], batch["segment_ids"], batch["segment_rel_offset"], batch["segment_rel"],
+            batch["span"], batch["ext_table_ids"], batch["ext_table_sub"],
+        )
+    expected_loss = torch.nn.functional.cross_entropy(
+        expected.reshape(-1, expected.shape[-1]), batch["target"].long().reshape(-1), ignore_index=-100
+    )
+
+    tokenizer.padding_side = "right"
+    try:
+        inputs = _inputs(tokenizer, datas, return_labels=True)
+    finally:
+        tokenizer.padding_side = "left"
+    with torch.no_grad():
+        out = model(**inputs)
+    length = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].bool()
+    vocab = model.config.vocab_size
+    # Ext columns may be ordered differently from the collater's; the vocabulary part must agree exactly.
+    assert torch.allclose(out.logits[..., :vocab][real], expected[:, :length, :vocab][real], atol=1e-4, rtol=0)
+    assert torch.allclose(out.loss, expected_loss, atol=1e-5)
+    assert int((inputs["labels"] != -100).sum()) == int((batch["target"] != -100).sum())
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS)
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    new_tokens = generated.shape[1] - inputs["input_ids"].shape[1]
+    assert new_tokens == 6
+    # Redo the whole sequence without a cache and check that each greedy choice is the argmax there.
+    extended = {k: inputs[k] for k in GENERATION_KEYS}
+    pad = torch.ones((len(PROMPTS), new_tokens), dtype=torch.long)
+    extended["attention_mask"] = torch.cat([inputs["attention_mask"], pad], 1)
+    extended["segment_ids"] = torch.cat([inputs["segment_ids"], inputs["segment_ids"][:, -1:].expand(-1, new_tokens)], 1)
+    extended["context_mask"] = torch.cat([inputs["context_mask"], pad * 0], 1)
+    with torch.no_grad():
+        full = model(input_ids=generated, **extended, use_cache=False).logits
+    start = inputs["input_ids"].shape[1] - 1
+    assert torch.equal(full[:, start:-1].argmax(-1), generated[:, start + 1:])
+
+    # And the cached step logits equal the uncached ones.
+    with torch.no_grad():
+        prefix = {k: v[:, : start + 1] if v.dim() == 2 and v.shape[1] == generated.shape[1] else v
+                  for k, v in extended.items()}
+        out = model(input_ids=generated[:, : start + 1], **prefix, use_cache=True)
+        step = model(input_ids=generated[:, start + 1: start + 2], cache=out.cache,
+                     **{k: v[:, : start + 2] if v.dim() == 2 and v.shape[1] == generated.shape[1] else v
+                        for k, v in extended.items()})
+    assert torch.allclose(step.logits[:, -1], full[:, start + 1], atol=1e-4, rtol=0)
+
+
+def test_sdpa_equals_eager(pair):
+    _, model, tokenizer, path = pair
+    sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    inputs = _inputs(tokenizer, PROMPTS)
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = sdpa(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(a[real], b[real], atol=1e-4, rtol=0)
+    assert torch.equal(
+        model.generate(**inputs, max_new_tokens=5, do_sample=False),
+        sdpa.generate(**inputs, max_new_tokens=5, do_sample=False),
+    )
+
+
+def test_batch_equals_one_at_a_time(pair):
+    _, model, tokenizer, _ = pair
+    batched = model.generate(**_inputs(tokenizer, PROMPTS), max_new_tokens=5, do_sample=False)[:, -5:]
+    for i, data in enumerate(PROMPTS):
+        single = model.generate(**_inputs(tokenizer, [data]), max_new_tokens=5, do_sample=False)[:, -5:]
+        assert torch.equal(single[0], batched[i])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(beam_size=3, max_length=10, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7),
+        dict(beam_size=2, max_length=6, repetition_penalty=1.0, length_penalty=1.0, temperature=1.0),
+        dict(beam_size=4, max_length=12, repetition_penalty=1.5, length_penalty=0.5, temperature=1.3),
+    ],
+)
+def test_beam_search_matches_original(pair, settings):
+    original, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS)
+    ours = cpmbee_beam_search(model, **inputs, **settings)
+    assert ours == original_beam_search(original, PROMPTS, **settings)
+
+
+def test_beam_search_matches_original_with_endings_and_several_answers(pair, vocab_file):
+    """Make `</s>` likely so hypotheses finish early and answers move from one slot to the next."""
+    original, model, tokenizer, _ = pair
+    original = copy.deepcopy(original)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        original.input_embedding.weight[7] *= 6.0
+        model.model.embed_tokens.weight[7] *= 6.0
+    datas = [
+        {"question": "name two colours", "<ans>": {"first": "", "second": ""}},
+        {"question": "天空是什么颜色", "<ans>": ""},
+    ]
+    settings = dict(beam_size=3, max_length=12, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7)
+    expected = original_beam_search(original, datas, **settings)
+    inputs = _inputs(tokenizer, datas)
+    ours = cpmbee_beam_search(model, **inputs, answer_segments=tokenizer.answer_segments(datas), **settings)
+    assert ours == expected
+    assert any(len(slot) < settings["max_length"] for answer in expected for slot in answer)
+
+
+def test_generate_writes_answers_back(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answers = tokenizer.post_process_generation(PROMPTS, out, prompt_length=inputs["input_ids"].shape[1])
+    assert len(answers) == len(PROMPTS)
+    for data, answer in zip(PROMPTS, answers):
+        assert set(answer) == set(data) and isinstance(answer["<ans>"], str) and answer["<ans>"]
+        assert data["<ans>"] == ""  # the caller's dict is not modified
+
+
+def test_sampling_and_hf_beam_search_run_batched(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS)
+    torch.manual_seed(0)
+    a = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20)
+    torch.manual_seed(0)
+    b = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20)
+    assert torch.equal(a, b)
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 2 * len(PROMPTS)
+
+
+def test_vocabulary_rule_in_generate(pair):
+    """With the tokenizer's masks, a row never produces another row's ext entries or a forbidden <unk>."""
+    _, model, tokenizer, _ = pair
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # make <unk> and every ext entry very attractive
+        model.model.embed_tokens.weight[1] *= 50.0
+    inputs = _inputs(tokenizer, PROMPTS)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    vocab = model.config.vocab_size
+    for row in range(len(PROMPTS)):
+        if not inputs["unk_allowed"][row]:
+            assert 1 not in new[row].tolist()
+        own = {vocab + e for e in range(inputs["ext_table_mask"].shape[1]) if inputs["ext_table_mask"][row, e]}
+        assert all(t < vocab or t in own for t in new[row].tolist())
+
+
+def test_save_load_round_trip_and_dtypes(pair, tmp_path):
+    _, model, tokenizer, _ = pair
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.bin"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    inputs = _inputs(tokenizer, PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        assert half.dtype == dtype
+        with torch.no_grad():
+            logits = half(**inputs).logits
+        real = inputs["attention_mask"].bool()
+        assert torch.isfinite(logits[real]).all()
+        agreement = (logits[real].float().argmax(-1) == model(**inputs).logits[real].argmax(-1)).float().mean()
+        assert agreement > 0.8
+
+
+def test_gradient_checkpointing_gives_same_gradients(pair):
+    _, model, tokenizer, _ = pair
+    datas = [{"question": "1 + 1 = ?", "<ans>": "2"}, {"input": "天空", "<ans>": "蓝色的"}]
+    inputs = _inputs(tokenizer, datas, return_labels=True)
+
+    def gradients(checkpointing):
+        trained = copy.deepcopy(model).train()
+        if checkpointing:
+            trained.gradient_checkpointing_enable()
+        loss = trained(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None}
+
+    loss_a, grads_a = gradients(False)
+    loss_b, grads_b = gradients(True)
+    assert torch.isfinite(loss_a) and torch.allclose(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 5
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_inputs_embeds_equals_input_ids(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS)
+    embeds = model.model.embed(inputs["input_ids"], inputs["ext_table_ids"], inputs["ext_table_sub"])
+    rest = {k: inputs[k] for k in GENERATION_KEYS}
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=inputs["input_ids"], **rest).logits,
+                              model(inputs_embeds=embeds, **rest).logits)
+
+
+def test_clear_errors(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS[:1])
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match="ext table"):
+        model(input_ids=torch.tensor([[vocab + 3]]))
+    with pytest.raises(ValueError, match="segment_ids"):
+        out = model(**inputs, use_cache=True)
+        model(input_ids=inputs["input_ids"][:, -1:], segment_ids=inputs["segment_ids"][:, -1:], cache=out.cache)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(attention_mask=inputs["attention_mask"])
+
+
+def test_auto_classes_registered():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("cpmbee", vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, head_dim=8, intermediate_size=32)
+    assert type(AutoModel.from_config(config)).__name__ == "CpmBeeModel"
+    assert type(AutoModelForCausalLM.from_config(config)) is CpmBeeForCausalLM
+    assert viscpm.CpmBeeConfig is type(config)
