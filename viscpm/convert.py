@@ -1,0 +1,801 @@
+"""Turn original VisCPM / CPM-Bee checkpoints into Hugging Face model folders.
+
+The original checkpoints are `torch.save` pickles of a state dict (CPM-Bee alone, or VisCPM-Chat /
+VisCPM-Paint with the language model under ``llm.``). This module has the pieces a converter needs,
+each usable on its own so that the Chat and Paint converters, the command line and Hub loading can
+share them:
+
+* :func:`load_original_checkpoint` reads a checkpoint without running code from it
+  (``weights_only=True``) and without copying it into memory (``mmap=True``), and turns every way
+  of failing into a :class:`ConversionError` with a one-line message that names the file and the fix.
+* :class:`KeyMap` / :data:`CPMBEE_KEYS` / :func:`map_cpmbee_key` rename original keys to ours,
+  and back again for messages.
+* :func:`build_meta_model`, :func:`expected_parameter_shapes` and :func:`validate_state_dict`
+  compare a converted state dict with what a config expects, naming every missing, unexpected
+  and mis-shaped key.
+* :func:`write_safetensors` writes (sharded) safetensors, casting one shard at a time, and
+  :func:`atomic_output_dir` makes a folder appear only once it is complete.
+* :func:`convert_cpmbee_checkpoint` puts it all together for CPM-Bee.
+
+Only :class:`ConversionError` is raised for problems with the user's input; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .modeling import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
+
+__all__ = [
+    "CPMBEE_KEYS",
+    "ConversionError",
+    "KeyMap",
+    "atomic_output_dir",
+    "build_meta_model",
+    "check_output_dir",
+    "convert_cpmbee_checkpoint",
+    "convert_cpmbee_state_dict",
+    "default_vocab_file",
+    "detect_prefix",
+    "expected_parameter_shapes",
+    "load_cpmbee_config",
+    "load_original_checkpoint",
+    "map_cpmbee_key",
+    "parse_dtype",
+    "save_model_folder",
+    "unwrap_state_dict",
+    "validate_state_dict",
+    "write_safetensors",
+]
+
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+"""Shard size of written weights. A shard is cast and serialised in memory at once, so it stays small."""
+
+
+class ConversionError(Exception):
+    """Something is wrong with what the user gave (a file, a config, an option).
+
+    The message is a single line that says what is wrong and, where there is one, what to do.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading original checkpoints
+# --------------------------------------------------------------------------------------------------
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
+_PICKLE_PROTO = b"\x80"  # the legacy torch.save format starts with a pickle (protocol >= 2)
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # torch colours some of its messages
+    return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+def _sniff_non_checkpoint(path: Path, head: bytes) -> str:
+    """Explain what a file that is not a torch checkpoint probably is."""
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return (
+            f"{path} is a safetensors file, not an original PyTorch checkpoint "
+            "(is it already converted? load its folder with from_pretrained)"
+        )
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        hint = ""
+        data = None
+        try:
+            if path.stat().st_size < 1 << 20:
+                data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            pass
+        if isinstance(data, dict) and ("dim_model" in data or "model_type" in data):
+            hint = " (it looks like a model config: pass it with --config)"
+        return f"{path} is a JSON/text file, not a PyTorch checkpoint{hint}; pass the .pt file written by torch.save"
+    return (
+        f"{path} is not a PyTorch checkpoint (unrecognised file header); "
+        "pass the original .pt file written by torch.save"
+    )
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load an original checkpoint as a flat ``{name: tensor}`` dict, safely and lazily.
+
+    The file is read with ``torch.load(..., weights_only=True)``, which never runs code stored in
+    the pickle, and memory-mapped where the format allows it (files from ``torch.save`` since
+    PyTorch 1.6), so a 20 GB checkpoint is paged in on demand rather than copied into RAM. A state
+    dict stored under a ``"state_dict"``, ``"model"`` or ``"module"`` key is unwrapped.
+
+    Raises:
+        ConversionError: the path is missing or a directory, the file is empty, truncated, corrupt,
+            not a torch checkpoint, holds pickled Python objects that a safe load refuses, or does
+            not hold a state dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"checkpoint not found: {path} (check the path)")
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
+        listing = f" (it contains: {', '.join(found[:5])})" if found else ""
+        raise ConversionError(f"{path} is a directory; pass the checkpoint file itself{listing}")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        raise ConversionError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    if not head:
+        raise ConversionError(f"{path} is empty (0 bytes); download or copy the checkpoint again")
+
+    if head.startswith(_ZIP_MAGIC):
+        mmap = True
+    elif head.startswith(_PICKLE_PROTO):
+        mmap = False  # the legacy format cannot be memory-mapped: it is read into memory
+    else:
+        raise ConversionError(_sniff_non_checkpoint(path, head))
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        unsafe = _UNSAFE_GLOBAL.search(message)
+        if unsafe:
+            raise ConversionError(
+                f"{path} holds a pickled Python object ({unsafe.group(1)}), not only tensors, so a safe "
+                "load (weights_only=True) refuses it; if you trust the file, re-save just its state dict "
+                "with torch.save(state_dict, ...) and convert that"
+            ) from None
+        raise ConversionError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); download or copy it again"
+        ) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # torch reports damaged archives as RuntimeError, EOFError, ...
+        detail = _first_line(error)
+        if "central directory" in detail or "zip archive" in detail or isinstance(error, EOFError):
+            what = "truncated or corrupt"
+        else:
+            what = "unreadable"
+        raise ConversionError(
+            f"{path} is {what} (torch.load: {detail[:200]}); download or copy the checkpoint again"
+        ) from None
+    return unwrap_state_dict(loaded, source=str(path))
+
+
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the ``{name: tensor}`` state dict inside ``obj``.
+
+    ``obj`` may be the state dict itself or a training checkpoint that keeps it under one of the
+    keys ``"state_dict"``, ``"model"`` or ``"module"`` (nested wrappers are followed).
+
+    Raises:
+        ConversionError: ``obj`` holds no tensors, or holds entries that are not tensors.
+    """
+    for _ in range(4):
+        if not isinstance(obj, Mapping):
+            raise ConversionError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+        has_tensors = any(isinstance(value, torch.Tensor) for value in obj.values())
+        wrapped = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)]
+        if has_tensors or not wrapped:
+            break
+        obj = obj[wrapped[0]]
+    if not obj:
+        raise ConversionError(f"{source} holds no tensors (an empty state dict)")
+    bad = [
+        f"{key!r} ({type(value).__name__})"
+        for key, value in obj.items()
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+    ]
+    if bad:
+        raise ConversionError(
+            f"{source} is not a plain state dict: {len(bad)} entries are not tensors: {_shorten(bad)}"
+        )
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# Key names
+# --------------------------------------------------------------------------------------------------
+
+
+class KeyMap:
+    """A renaming between original and Hugging Face parameter names.
+
+    Built from ``(original, ours)`` templates in which ``{i}`` stands for a layer index, e.g.
+    ``("encoder.layers.{i}.ffn.ffn.w_out.weight", "layers.{i}.mlp.down_proj.weight")``.
+    """
+
+    def __init__(self, templates: Iterable[tuple[str, str]]):
+        self.templates = tuple(templates)
+        self._forward = [(self._compile(src), dst) for src, dst in self.templates]
+        self._backward = [(self._compile(dst), src) for src, dst in self.templates]
+
+    @staticmethod
+    def _compile(template: str) -> re.Pattern:
+        parts = [re.escape(part) for part in template.split("{i}")]
+        return re.compile(r"(?P<i>\d+)".join(parts) if len(parts) == 2 else parts[0])
+
+    @staticmethod
+    def _apply(rules, key: str) -> str | None:
+        for pattern, template in rules:
+            match = pattern.fullmatch(key)
+            if match:
+                return template.replace("{i}", match.group("i")) if "{i}" in template else template
+        return None
+
+    def to_hf(self, key: str) -> str | None:
+        """Our name for an original key (without prefixes), or None if the key is not known."""
+        return self._apply(self._forward, key)
+
+    def to_original(self, key: str) -> str | None:
+        """The original name for one of our keys (without prefixes), or None if it is not known."""
+        return self._apply(self._backward, key)
+
+
+CPMBEE_KEYS = KeyMap(
+    [
+        ("input_embedding.weight", "embed_tokens.weight"),
+        ("position_bias.relative_attention_bias", "position_bias.weight"),
+        ("encoder.output_layernorm.weight", "norm.weight"),
+        ("encoder.layers.{i}.self_att.layernorm_before_attention.weight", "layers.{i}.input_layernorm.weight"),
+        ("encoder.layers.{i}.self_att.self_attention.project_q.weight", "layers.{i}.self_attn.q_proj.weight"),
+        ("encoder.layers.{i}.self_att.self_attention.project_k.weight", "layers.{i}.self_attn.k_proj.weight"),
+        ("encoder.layers.{i}.self_att.self_attention.project_v.weight", "layers.{i}.self_attn.v_proj.weight"),
+        ("encoder.layers.{i}.self_att.self_attention.attention_out.weight", "layers.{i}.self_attn.o_proj.weight"),
+        ("encoder.layers.{i}.ffn.layernorm_before_ffn.weight", "layers.{i}.post_attention_layernorm.weight"),
+        ("encoder.layers.{i}.ffn.ffn.w_in.w_0.weight", "layers.{i}.mlp.gate_proj.weight"),
+        ("encoder.layers.{i}.ffn.ffn.w_in.w_1.weight", "layers.{i}.mlp.up_proj.weight"),
+        ("encoder.layers.{i}.ffn.ffn.w_out.weight", "layers.{i}.mlp.down_proj.weight"),
+    ]
+)
+"""Original CPM-Bee (``CPMBeeTorch``) names → ours inside ``CpmBeeModel``. Shapes are identical."""
+
+CPMBEE_ANCHOR_KEY = "input_embedding.weight"
+"""An original key every CPM-Bee checkpoint has; where it sits tells the prefix (``""``, ``"llm."``...)."""
+
+
+def map_cpmbee_key(key: str, prefix: str = "", hf_prefix: str = "model.") -> str | None:
+    """Our name for an original CPM-Bee key.
+
+    Args:
+        key: the original key, e.g. ``"llm.encoder.layers.0.ffn.ffn.w_out.weight"``.
+        prefix: the prefix of the language model in the original checkpoint (``""`` for a CPM-Bee
+            checkpoint, ``"llm."`` for VisCPM-Chat / Paint).
+        hf_prefix: the prefix of ``CpmBeeModel`` in the target model (``"model."`` for
+            ``CpmBeeForCausalLM``, ``""`` for ``CpmBeeModel``).
+
+    Returns:
+        The new key, or None if ``key`` does not start with ``prefix`` or is not a CPM-Bee key.
+    """
+    if not key.startswith(prefix):
+        return None
+    mapped = CPMBEE_KEYS.to_hf(key[len(prefix):])
+    return None if mapped is None else hf_prefix + mapped
+
+
+def detect_prefix(keys: Iterable[str], anchor: str = CPMBEE_ANCHOR_KEY, source: str = "checkpoint") -> str:
+    """Find the prefix under which the model sits, from where the ``anchor`` key is.
+
+    Prefers no prefix, then the shortest one (``"llm."`` in VisCPM checkpoints, ``"module."`` in
+    some training checkpoints).
+
+    Raises:
+        ConversionError: no key ends with ``anchor``.
+    """
+    keys = list(keys)
+    prefixes = sorted({key[: -len(anchor)] for key in keys if key == anchor or key.endswith("." + anchor)}, key=len)
+    if not prefixes:
+        raise ConversionError(
+            f"{source} holds no CPM-Bee weights (no key ending in {anchor!r}; it has e.g. {_shorten(keys, 3)})"
+        )
+    return prefixes[0]
+
+
+def convert_cpmbee_state_dict(
+    state_dict: Mapping[str, torch.Tensor], prefix: str = "", hf_prefix: str = "model."
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename an original CPM-Bee state dict to our names (tensors are not copied).
+
+    Returns:
+        ``(converted, unmapped)``: the renamed tensors, and the original keys that were not
+        CPM-Bee keys under ``prefix`` (for a Chat/Paint checkpoint, the vision/diffusion parts).
+    """
+    converted: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in state_dict.items():
+        new_key = map_cpmbee_key(key, prefix, hf_prefix)
+        if new_key is None:
+            unmapped.append(key)
+        else:
+            converted[new_key] = tensor
+    return converted, unmapped
+
+
+def _cpmbee_original_name(hf_key: str, prefix: str, hf_prefix: str) -> str:
+    if hf_key.startswith(hf_prefix):
+        original = CPMBEE_KEYS.to_original(hf_key[len(hf_prefix):])
+        if original is not None:
+            return prefix + original
+    return hf_key
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a state dict against a config
+# --------------------------------------------------------------------------------------------------
+
+
+def build_meta_model(model_cls: type, config) -> torch.nn.Module:
+    """Instantiate ``model_cls(config)`` on the meta device: shapes and names, no memory, no init cost."""
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def expected_parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the parameters a checkpoint must provide (tied aliases counted once).
+
+    Buffers are left out: they are computed from the config, never stored in original checkpoints.
+    """
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def _shorten(items: list, limit: int = 5) -> str:
+    items = [str(item) for item in items]
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(int(size)) for size in shape) + "]"
+
+
+def validate_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    unexpected: Iterable[str] = (),
+    describe: Callable[[str], str] = lambda key: key,
+    source: str = "checkpoint",
+    summary: str = "",
+    hint: str = "",
+) -> None:
+    """Check a converted state dict against the expected ``{name: shape}``.
+
+    Args:
+        unexpected: further keys already known to be unexpected (e.g. original keys that no rule
+            maps), reported as they are.
+        describe: turns one of our key names into the name the user knows (the original key).
+        source: how to call the state dict in messages (usually the checkpoint path).
+        summary: put in brackets right after the first words, e.g. which config sizes differ.
+        hint: appended to the message, e.g. what option fixes a config mismatch.
+
+    Raises:
+        ConversionError: naming every missing, unexpected and mis-shaped key (long lists shortened).
+    """
+    missing = [describe(key) for key in expected if key not in state_dict]
+    extra = list(unexpected) + [describe(key) for key in state_dict if key not in expected]
+    mismatched = [  # in the model's order: the embedding first, which tells the most
+        f"{describe(key)} is {_shape(state_dict[key].shape)}, config needs {_shape(shape)}"
+        for key, shape in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(shape)
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} with other shapes ({_shorten(mismatched, 3)})")
+    if missing:
+        problems.append(f"{len(missing)} missing ({_shorten(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected ({_shorten(extra)})")
+    if problems:
+        message = f"{source} does not match the model config" + (f" ({summary})" if summary else "")
+        message += ": " + "; ".join(problems)
+        raise ConversionError(message + (f"; {hint}" if hint else ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float16"`` / ``"bf16"`` / ``torch.float32`` ... → a torch dtype; None or ``"auto"`` → None (keep).
+
+    Raises:
+        ConversionError: an unknown name.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name in ("auto", "keep", ""):
+        return None
+    if name not in _DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
+    return _DTYPES[name]
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+
+
+def write_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    weights_name: str = "model.safetensors",
+    progress: bool = True,
+) -> list[str]:
+    """Write ``state_dict`` as safetensors the way ``save_pretrained`` lays them out.
+
+    One ``model.safetensors``, or when larger than ``max_shard_size`` the shards
+    ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``. Floating-point
+    tensors are cast to ``dtype`` one shard at a time, so memory use stays near one shard even
+    when the source is memory-mapped and the cast makes everything new.
+
+    Returns:
+        The names of the files written.
+    """
+    folder = Path(folder)
+    sizes = {
+        key: torch.empty(tensor.shape, dtype=_cast(torch.empty(0, dtype=tensor.dtype), dtype).dtype, device="meta")
+        for key, tensor in state_dict.items()
+    }
+    pattern = weights_name.replace(".safetensors", "{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(sizes, filename_pattern=pattern, max_shard_size=max_shard_size)
+    written = []
+    with tqdm(total=len(state_dict), desc="Writing tensors", unit="tensor", disable=not progress) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            shard: dict[str, torch.Tensor] = {}
+            storages: set[tuple[int, int]] = set()
+            for name in names:
+                tensor = _cast(state_dict[name], dtype).contiguous()
+                if tensor.device.type == "meta":
+                    raise ValueError(f"cannot write {name}: it is on the meta device")
+                storage = _storage_key(tensor)
+                if storage in storages:  # safetensors refuses tensors that share memory
+                    tensor = tensor.clone()
+                storages.add(_storage_key(tensor))
+                shard[name] = tensor
+                bar.update(1)
+            save_file(shard, folder / filename, metadata={"format": "pt"})
+            written.append(filename)
+            del shard
+    if split.is_sharded:
+        index = {
+            "metadata": {
+                **split.metadata,
+                "total_parameters": sum(tensor.numel() for tensor in state_dict.values()),
+            },
+            "weight_map": split.tensor_to_filename,
+        }
+        index_name = weights_name + ".index.json"
+        (folder / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(index_name)
+    return written
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early (before hours of work) if ``output_dir`` cannot be written to.
+
+    Raises:
+        ConversionError: it is a file, or a non-empty directory and ``overwrite`` is False.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"output directory {output_dir} already exists and is not empty; "
+            "choose another one or pass --overwrite to replace it"
+        )
+    return output_dir
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``output_dir`` to write into; rename it into place on success.
+
+    On any exception (or Ctrl-C) the temporary folder is removed and ``output_dir`` is left as it
+    was. An existing non-empty ``output_dir`` is an error unless ``overwrite``; then it is replaced
+    only once the new folder is complete. A hard kill (SIGKILL, power loss) can leave the temporary
+    folder behind; its name (``.NAME.partial-XXXX``) never looks like a model folder, and writers
+    that put ``config.json`` last leave it without one.
+
+    Raises:
+        ConversionError: see :func:`check_output_dir`.
+    """
+    output_dir = Path(os.path.abspath(output_dir))
+    check_output_dir(output_dir, overwrite)
+    parent = output_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConversionError(f"cannot create {parent}: {error.strerror or error}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=parent))
+    try:
+        yield tmp
+        check_output_dir(output_dir, overwrite)  # it may have appeared while we were writing
+        os.chmod(tmp, 0o777 & ~_umask())
+        if output_dir.exists():
+            # Move the old folder aside, put the new one in place, then delete the old one.
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=parent))
+            try:
+                os.rename(output_dir, old / output_dir.name)
+            except BaseException:
+                old.rmdir()
+                raise
+            try:
+                os.rename(tmp, output_dir)
+            except BaseException:
+                os.rename(old / output_dir.name, output_dir)
+                old.rmdir()
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_model_folder(
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config,
+    model: torch.nn.Module | type,
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer=None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> list[str]:
+    """Write a ``from_pretrained``-loadable folder: weights, tokenizer, generation config, config.
+
+    ``config.json`` is written last, so a folder cut short by a crash never loads. Write into the
+    folder from :func:`atomic_output_dir` to also keep a half-written folder out of sight.
+
+    Args:
+        model: the model class, or an instance of it (a meta-device one is enough); it gives the
+            ``architectures`` entry and the generation config.
+        dtype: cast floating-point weights to it; None keeps the checkpoint's dtype.
+
+    Returns:
+        The names of the files written.
+    """
+    folder = Path(folder)
+    config = copy.deepcopy(config)  # architectures and dtype are set on a copy, not the caller's config
+    model_cls = model if isinstance(model, type) else type(model)
+    written = write_safetensors(state_dict, folder, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    if tokenizer is not None:
+        written += [Path(name).name for name in tokenizer.save_pretrained(folder)]
+    if model_cls.can_generate():
+        from transformers import GenerationConfig
+
+        generation_config = getattr(model, "generation_config", None) if not isinstance(model, type) else None
+        if generation_config is None:
+            generation_config = GenerationConfig.from_model_config(config)
+        generation_config.save_pretrained(folder)
+        written.append("generation_config.json")
+    stored = dtype or next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    config.architectures = [model_cls.__name__]
+    config.dtype = str(stored).removeprefix("torch.")
+    config.save_pretrained(folder)
+    written.append("config.json")
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# CPM-Bee
+# --------------------------------------------------------------------------------------------------
+
+
+def default_vocab_file() -> str | None:
+    """The CPM-Bee vocabulary shipped in the original ``VisCPM`` package, if that is installed.
+
+    The package is located without importing it (its ``__init__`` loads the whole of VisCPM).
+    """
+    try:
+        spec = importlib.util.find_spec("VisCPM")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location, "cpm_tokenizers", "vocabs", "bee.txt")
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None = None) -> CpmBeeConfig:
+    """A :class:`CpmBeeConfig` from: nothing (the 10B model), a config, a dict, or a JSON file.
+
+    A dict or file may be the original config (``dim_model``, ``num_layers``, ``half``...) or one of
+    ours (a ``config.json`` with ``"model_type": "cpmbee"``).
+
+    Raises:
+        ConversionError: the file is missing or not JSON, or the content is not a CPM-Bee config.
+    """
+    if config is None:
+        return CpmBeeConfig()
+    if isinstance(config, CpmBeeConfig):
+        return config
+    source = "config"
+    if not isinstance(config, Mapping):
+        path = Path(config)
+        source = str(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "not found"
+            raise ConversionError(f"config {path} {what}; pass the original CPM-Bee config JSON file")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConversionError(f"config {path} is not a text file; pass the original config JSON") from None
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"config {path} is not valid JSON ({error})") from None
+        if not isinstance(config, dict):
+            raise ConversionError(f"config {path} holds a JSON {type(config).__name__}, not an object")
+    try:
+        if "model_type" in config:
+            if config["model_type"] != CpmBeeConfig.model_type:
+                raise ValueError(f"model_type is {config['model_type']!r}, not {CpmBeeConfig.model_type!r}")
+            return CpmBeeConfig.from_dict(dict(config))
+        return CpmBeeConfig.from_original(dict(config))
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"{source}: {_first_line(error)}") from None
+
+
+def _load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
+    path = Path(vocab_file)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "not found"
+        raise ConversionError(f"vocabulary {path} {what}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file")
+    try:
+        tokenizer = CpmBeeTokenizer(str(path))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"cannot read vocabulary {path}: {_first_line(error)}") from None
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size != config.vocab_size:
+        raise ConversionError(
+            f"vocabulary {path} has {size} tokens but the config says vocab_size={config.vocab_size}; "
+            "pass the vocabulary that belongs to this checkpoint"
+        )
+    return tokenizer
+
+
+def _cpmbee_config_differences(converted: Mapping[str, torch.Tensor], config: CpmBeeConfig) -> str:
+    """What the checkpoint's shapes say about the config, where that differs from ``config``.
+
+    Only the sizes that shapes determine are read: vocabulary, width, depth, FFN width and heads.
+    """
+    found: dict[str, int] = {}
+    embedding = converted.get("model.embed_tokens.weight")
+    if embedding is not None and embedding.dim() == 2:
+        found["vocab_size"], found["hidden_size"] = (int(size) for size in embedding.shape)
+    layers = {int(m.group(1)) for key in converted if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    if layers:
+        found["num_hidden_layers"] = max(layers) + 1
+    gate = converted.get("model.layers.0.mlp.gate_proj.weight")
+    if gate is not None and gate.dim() == 2:
+        found["intermediate_size"] = int(gate.shape[0])
+    bias = converted.get("model.position_bias.weight")
+    if bias is not None and bias.dim() == 2:
+        found["num_attention_heads"] = int(bias.shape[1])
+    return ", ".join(
+        f"{name}={value} not {getattr(config, name)}"
+        for name, value in found.items()
+        if getattr(config, name) != value
+    )
+
+
+def convert_cpmbee_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    config: CpmBeeConfig | str | os.PathLike | Mapping | None = None,
+    vocab_file: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    prefix: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> Path:
+    """Convert an original CPM-Bee checkpoint into a ``CpmBeeForCausalLM`` folder.
+
+    Args:
+        checkpoint: the original ``.pt`` file (a CPM-Bee state dict, or one whose CPM-Bee part is
+            under a prefix such as ``llm.``, with nothing else in it).
+        output_dir: the folder to create; it appears only once complete.
+        config: the model config (see :func:`load_cpmbee_config`); None is the 10B model.
+        vocab_file: the vocabulary (``bee.txt``); when given, the tokenizer is saved too.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None keeps the checkpoint's dtype.
+        overwrite: replace a non-empty ``output_dir`` (only after the new folder is complete).
+        prefix: the prefix of the CPM-Bee keys; None finds it (``""``, ``"llm."``, ...).
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        ConversionError: anything wrong with the inputs, checked before the output is written.
+    """
+    cfg = load_cpmbee_config(config)
+    target_dtype = parse_dtype(dtype)
+    check_output_dir(output_dir, overwrite)
+    tokenizer = _load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
+
+    source = str(checkpoint)
+    original = load_original_checkpoint(checkpoint)
+    if prefix is None:
+        prefix = detect_prefix(original, source=source)
+    converted, unmapped = convert_cpmbee_state_dict(original, prefix)
+    if unmapped and not converted:
+        raise ConversionError(f"{source} holds no CPM-Bee weights under the prefix {prefix!r}")
+
+    model = build_meta_model(CpmBeeForCausalLM, cfg)
+    differences = _cpmbee_config_differences(converted, cfg)
+    hint = "pass the original config of this checkpoint with --config" if config is None else (
+        "pass the config that belongs to this checkpoint"
+    )
+    validate_state_dict(
+        converted,
+        expected_parameter_shapes(model),
+        unexpected=unmapped,
+        describe=lambda key: _cpmbee_original_name(key, prefix, "model."),
+        source=source,
+        summary=f"the checkpoint has {differences}" if differences else "",
+        hint=hint,
+    )
+
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        save_model_folder(
+            tmp,
+            converted,
+            cfg,
+            model,
+            dtype=target_dtype,
+            tokenizer=tokenizer,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
+    return Path(output_dir)
