@@ -339,3 +339,23 @@ def test_auto_classes_registered():
     assert type(AutoModel.from_config(config)).__name__ == "CpmBeeModel"
     assert type(AutoModelForCausalLM.from_config(config)) is CpmBeeForCausalLM
     assert viscpm.CpmBeeConfig is type(config)
+
+
+def test_repetition_penalty_processor_matches_original():
+    """Over the answer only (its <s> included), ext tokens counted by their base id."""
+    from VisCPM.generation.generation_utils import apply_repetition_penalty
+
+    from viscpm.modeling.generation_cpmbee import CpmBeeRepetitionPenaltyLogitsProcessor
+
+    vocab, prompt_length = 50, 4
+    ext_table_ids = torch.tensor([[11, 12]])
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn((2, vocab + 2), generator=generator)
+    # rows: prompt (3 tokens) + answer <s> + generated tokens; id 50 is ext entry 0 (base id 11)
+    raw = torch.tensor([[3, 4, 5, 6, 9, 50, 9], [3, 4, 5, 6, 11, 2, 4]])
+    base = torch.tensor([[3, 4, 5, 6, 9, 11, 9], [3, 4, 5, 6, 11, 2, 4]])
+    expected = scores.clone()
+    apply_repetition_penalty(expected, 2, 1, base, 1.3, prompt_length - 1, raw.shape[1] - 1)
+    processor = CpmBeeRepetitionPenaltyLogitsProcessor(1.3, prompt_length, vocab, ext_table_ids)
+    assert torch.equal(processor(raw, scores.clone()), expected)
+    assert not torch.equal(expected, scores)
