@@ -14,7 +14,7 @@ pieces are what VisCPM-Chat uses to give the same answer as the original for the
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 
 MASKED_LOGIT = -10000.0
@@ -51,6 +51,17 @@ class CpmBeeVocabMaskLogitsProcessor(LogitsProcessor):
             ext = scores[:, self.vocab_size: self.vocab_size + own.shape[-1]]
             scores[:, self.vocab_size: self.vocab_size + own.shape[-1]] = ext.masked_fill(~own, MASKED_LOGIT)
         return scores
+
+
+def add_vocab_rule(logits_processor, text_config, ext_table_mask=None, unk_allowed=None):
+    """``logits_processor`` plus `CpmBeeVocabMaskLogitsProcessor` when the tokenizer's masks are given."""
+    if ext_table_mask is None and unk_allowed is None:
+        return logits_processor
+    rule = CpmBeeVocabMaskLogitsProcessor(
+        vocab_size=text_config.vocab_size, unk_token_id=text_config.unk_token_id,
+        ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
+    )
+    return LogitsProcessorList([*(logits_processor or []), rule])
 
 
 def apply_answer_repetition_penalty(scores: torch.Tensor, answer_tokens: torch.Tensor, penalty: float):
@@ -287,6 +298,7 @@ def cpmbee_beam_search(
 
 
 __all__ = [
+    "add_vocab_rule",
     "CpmBeeRepetitionPenaltyLogitsProcessor",
     "CpmBeeVocabMaskLogitsProcessor",
     "apply_answer_repetition_penalty",

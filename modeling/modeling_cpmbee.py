@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_cpmbee import CpmBeeConfig
-from .generation_cpmbee import CpmBeeVocabMaskLogitsProcessor
+from .generation_cpmbee import add_vocab_rule
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -554,14 +553,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, plus the original's vocabulary rule when the tokenizer's
         ``ext_table_mask``/``unk_allowed`` are passed: a row may only produce its own ext-table entries,
         and ``<unk>`` only when its input had an out-of-vocabulary piece."""
-        if ext_table_mask is not None or unk_allowed is not None:
-            processor = CpmBeeVocabMaskLogitsProcessor(
-                vocab_size=self.config.vocab_size,
-                unk_token_id=self.config.unk_token_id,
-                ext_table_mask=ext_table_mask,
-                unk_allowed=unk_allowed,
-            )
-            logits_processor = LogitsProcessorList([*(logits_processor or []), processor])
+        logits_processor = add_vocab_rule(logits_processor, self.config, ext_table_mask, unk_allowed)
         return super().generate(
             inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
         )

@@ -1,12 +1,34 @@
 """viscpm: VisCPM and CPM-Bee as Hugging Face models.
 
-Importing the package registers the model types with the transformers Auto* classes, so that
-`AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and `AutoTokenizer` load converted folders.
+Importing the package registers every model type with the transformers Auto classes, so that
+`AutoConfig`, `AutoModel`, `AutoModelForCausalLM`, `AutoModelForImageTextToText`, `AutoTokenizer`,
+`AutoImageProcessor` and `AutoProcessor` load converted folders (and `pipeline("image-text-to-text")`
+runs VisCPM-Chat).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
-from .modeling import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeeTokenizer
+from .modeling import (
+    CpmBeeConfig,
+    CpmBeeForCausalLM,
+    CpmBeeModel,
+    CpmBeeTokenizer,
+    VisCPMChatConfig,
+    VisCPMChatForConditionalGeneration,
+    VisCPMChatProcessor,
+    VisCPMImageProcessor,
+    VisCPMVisionConfig,
+    VisCPMVisionModel,
+)
+from .modeling.generation_cpmbee import cpmbee_beam_search
 
 __version__ = "0.1.0.dev0"
 
@@ -17,7 +39,33 @@ def _register() -> None:
     AutoModelForCausalLM.register(CpmBeeConfig, CpmBeeForCausalLM, exist_ok=True)
     AutoTokenizer.register(CpmBeeConfig, tokenizer_class=CpmBeeTokenizer, exist_ok=True)
 
+    AutoConfig.register(VisCPMVisionConfig.model_type, VisCPMVisionConfig, exist_ok=True)
+    AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
+    AutoModel.register(VisCPMVisionConfig, VisCPMVisionModel, exist_ok=True)
+    AutoModel.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
+    AutoTokenizer.register(VisCPMChatConfig, tokenizer_class=CpmBeeTokenizer, exist_ok=True)
+    AutoImageProcessor.register(
+        VisCPMChatConfig,
+        image_processor_classes={"pil": VisCPMImageProcessor, "torchvision": VisCPMImageProcessor},
+        exist_ok=True,
+    )
+    AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
+
 
 _register()
 
-__all__ = ["CpmBeeConfig", "CpmBeeForCausalLM", "CpmBeeModel", "CpmBeeTokenizer", "__version__"]
+__all__ = [
+    "CpmBeeConfig",
+    "CpmBeeForCausalLM",
+    "CpmBeeModel",
+    "CpmBeeTokenizer",
+    "VisCPMChatConfig",
+    "VisCPMChatForConditionalGeneration",
+    "VisCPMChatProcessor",
+    "VisCPMImageProcessor",
+    "VisCPMVisionConfig",
+    "VisCPMVisionModel",
+    "cpmbee_beam_search",
+    "__version__",
+]

@@ -1,0 +1,359 @@
+"""Turn an original VisCPM-Chat checkpoint into a `VisCPMChatForConditionalGeneration` folder.
+
+An original Chat checkpoint is ``torch.save(VLU_CPMBee.state_dict())``:
+
+* ``vpm.beit3.*`` — BEiT-3 (torchscale names, ``.A.``/``.B.`` for the image/query experts) → ``vision_model.*``;
+* ``query`` (the learned query tokens) and ``mapping.0.*``/``mapping.2.*`` → same names;
+* ``llm.*`` — CPM-Bee → ``language_model.model.*`` (the foundation's key map).
+
+Dropped knowingly (each is logged), because VisCPM-Chat never reads them at inference:
+
+* ``vpm.mim_head.weight``/``.bias`` — BEiT-3's masked-image-modelling head (pre-training only);
+* ``vpm.beit3.text_embed.weight`` — BEiT-3's text embedding: the original only reads two of its rows once, to
+  initialise ``query`` before training; the trained ``query`` is in the checkpoint;
+* ``vpm.beit3.vision_embed.mask_token`` — replaces masked patches in masked-image-modelling only.
+
+Everything else must be present with the shapes the config gives; a VisCPM-Paint checkpoint (``trans_block.*``,
+``unet.*``) or a plain CPM-Bee one is refused with a message that says so. Loading, validation and writing are
+those of :mod:`viscpm.convert` (``weights_only``, memory-mapped, atomic output, safetensors, progress bars).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from .convert import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ConversionError,
+    KeyMap,
+    _cpmbee_config_differences,
+    _cpmbee_original_name,
+    _first_line,
+    _load_tokenizer,
+    _shorten,
+    atomic_output_dir,
+    build_meta_model,
+    check_output_dir,
+    convert_cpmbee_state_dict,
+    detect_prefix,
+    expected_parameter_shapes,
+    load_cpmbee_config,
+    load_original_checkpoint,
+    map_cpmbee_key,
+    parse_dtype,
+    save_model_folder,
+    validate_state_dict,
+)
+from .modeling.configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
+from .modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHAT_DROPPED_KEYS",
+    "VISION_KEYS",
+    "build_chat_config",
+    "convert_chat_state_dict",
+    "convert_viscpm_chat_checkpoint",
+    "load_vision_config",
+    "map_chat_key",
+]
+
+
+def _vision_templates():
+    experts = (("A", "image"), ("B", "query"))
+    params = ("weight", "bias")
+    layer = "encoder.layers.{i}."
+    per_expert = [  # (original under beit3., ours under vision_model.), with {E}/{e} the expert, {p} the parameter
+        (layer + "self_attn_layer_norm.{E}.{p}", "layers.{i}.attention_norm.{e}.{p}"),
+        (layer + "self_attn.q_proj.{E}.{p}", "layers.{i}.attention.q_proj.{e}.{p}"),
+        (layer + "self_attn.k_proj.{E}.{p}", "layers.{i}.attention.k_proj.{e}.{p}"),
+        (layer + "self_attn.v_proj.{E}.{p}", "layers.{i}.attention.v_proj.{e}.{p}"),
+        (layer + "self_attn.inner_attn_ln.{E}.{p}", "layers.{i}.attention.inner_norm.{e}.{p}"),
+        (layer + "self_attn.out_proj.{E}.{p}", "layers.{i}.attention.o_proj.{e}.{p}"),
+        (layer + "final_layer_norm.{E}.{p}", "layers.{i}.mlp_norm.{e}.{p}"),
+        (layer + "ffn.{E}.fc1.{p}", "layers.{i}.mlp.{e}.fc1.{p}"),
+        (layer + "ffn.{E}.ffn_layernorm.{p}", "layers.{i}.mlp.{e}.inner_norm.{p}"),
+        (layer + "ffn.{E}.fc2.{p}", "layers.{i}.mlp.{e}.fc2.{p}"),
+        ("encoder.layer_norm.{E}.{p}", "post_layernorm.{e}.{p}"),
+    ]
+    templates = [
+        ("vision_embed.proj.weight", "embeddings.patch_embedding.weight"),
+        ("vision_embed.proj.bias", "embeddings.patch_embedding.bias"),
+        ("vision_embed.cls_token", "embeddings.cls_token"),
+        ("encoder.embed_positions.A.weight", "embeddings.position_embedding.image.weight"),
+        ("encoder.embed_positions.B.weight", "embeddings.position_embedding.query.weight"),
+    ]
+    for original, ours in per_expert:
+        for big, small in experts:
+            for param in params:
+                templates.append((original.replace("{E}", big).replace("{p}", param),
+                                  ours.replace("{e}", small).replace("{p}", param)))
+    return templates
+
+
+VISION_KEYS = KeyMap(_vision_templates())
+"""torchscale BEiT-3 names (under ``vpm.beit3.``) → ours inside `VisCPMVisionModel`. Shapes are identical."""
+
+CHAT_DROPPED_KEYS = {
+    "vpm.mim_head.weight": "BEiT-3's masked-image-modelling head (pre-training only)",
+    "vpm.mim_head.bias": "BEiT-3's masked-image-modelling head (pre-training only)",
+    "vpm.beit3.text_embed.weight": "BEiT-3's text embedding (only used to initialise `query` before training)",
+    "vpm.beit3.vision_embed.mask_token": "BEiT-3's mask token (masked-image-modelling only)",
+}
+"""Original keys VisCPM-Chat never reads at inference, with the reason; dropped (and logged) on conversion."""
+
+_TOP_LEVEL = {"query": "query"}
+_MAPPING = re.compile(r"mapping\.(0|2)\.(weight|bias)")
+_VISION_PREFIX, _LLM_PREFIX = "vpm.beit3.", "llm."
+_HF_VISION, _HF_LLM = "vision_model.", "language_model.model."
+_PAINT_MARKERS = ("trans_block.", "unet.")
+
+
+def map_chat_key(key: str) -> str | None:
+    """Our name for an original VisCPM-Chat key (without a wrapper prefix), or None if it is not one we keep."""
+    if key in _TOP_LEVEL:
+        return _TOP_LEVEL[key]
+    if _MAPPING.fullmatch(key):
+        return key
+    if key.startswith(_VISION_PREFIX):
+        mapped = VISION_KEYS.to_hf(key[len(_VISION_PREFIX):])
+        return None if mapped is None else _HF_VISION + mapped
+    if key.startswith(_LLM_PREFIX):
+        return map_cpmbee_key(key, _LLM_PREFIX, _HF_LLM)
+    return None
+
+
+def _original_name(hf_key: str) -> str:
+    """The original key for one of ours (for messages)."""
+    if hf_key.startswith(_HF_VISION):
+        original = VISION_KEYS.to_original(hf_key[len(_HF_VISION):])
+        return hf_key if original is None else _VISION_PREFIX + original
+    if hf_key.startswith(_HF_LLM):
+        return _cpmbee_original_name(hf_key, _LLM_PREFIX, _HF_LLM)
+    return hf_key
+
+
+def convert_chat_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename an original VisCPM-Chat state dict (no wrapper prefix) to our names; tensors are not copied.
+
+    Returns:
+        ``(converted, unmapped, dropped)``: our tensors, the original keys no rule knows, and the keys of
+        :data:`CHAT_DROPPED_KEYS` that were present.
+    """
+    llm = {key: tensor for key, tensor in state_dict.items() if key.startswith(_LLM_PREFIX)}
+    converted, unmapped = convert_cpmbee_state_dict(llm, _LLM_PREFIX, _HF_LLM)
+    dropped = []
+    for key, tensor in state_dict.items():
+        if key.startswith(_LLM_PREFIX):
+            continue
+        if key in CHAT_DROPPED_KEYS:
+            dropped.append(key)
+            continue
+        new_key = map_chat_key(key)
+        if new_key is None:
+            unmapped.append(key)
+        else:
+            converted[new_key] = tensor
+    return converted, unmapped, dropped
+
+
+def load_vision_config(config: VisCPMVisionConfig | str | os.PathLike | Mapping | None = None) -> VisCPMVisionConfig:
+    """A `VisCPMVisionConfig` from: nothing (BEiT-3 large 224/16), a config, a dict, or a JSON file.
+
+    A dict or file holds torchscale `EncoderConfig` keys (``encoder_embed_dim``, ``encoder_layers``, ...) or is
+    one of ours (``"model_type": "viscpm_vision"``).
+
+    Raises:
+        ConversionError: the file is missing or not JSON, or the content is not a BEiT-3 config.
+    """
+    if config is None:
+        return VisCPMVisionConfig()
+    if isinstance(config, VisCPMVisionConfig):
+        return config
+    source = "vision config"
+    if not isinstance(config, Mapping):
+        path = Path(config)
+        source = str(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "not found"
+            raise ConversionError(f"vision config {path} {what}; pass a JSON file of torchscale EncoderConfig keys")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConversionError(f"vision config {path} is not a text file; pass a JSON file") from None
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"vision config {path} is not valid JSON ({error})") from None
+        if not isinstance(config, dict):
+            raise ConversionError(f"vision config {path} holds a JSON {type(config).__name__}, not an object")
+    try:
+        if "model_type" in config:
+            if config["model_type"] != VisCPMVisionConfig.model_type:
+                raise ValueError(f"model_type is {config['model_type']!r}, not {VisCPMVisionConfig.model_type!r}")
+            return VisCPMVisionConfig.from_dict(dict(config))
+        return VisCPMVisionConfig.from_original(dict(config))
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"{source}: {_first_line(error)}") from None
+
+
+def build_chat_config(llm_config=None, vision_config=None, query_num: int | None = None) -> VisCPMChatConfig:
+    """The composite config from the original CPM-Bee config (see `viscpm.convert.load_cpmbee_config`), the
+    vision config (see :func:`load_vision_config`) and the number of queries (default 64)."""
+    text = load_cpmbee_config(llm_config)
+    vision = load_vision_config(vision_config)
+    try:
+        return VisCPMChatConfig(
+            vision_config=vision, text_config=text, query_num=64 if query_num is None else query_num
+        )
+    except ValueError as error:
+        raise ConversionError(_first_line(error)) from None
+
+
+def _chat_config_differences(converted: Mapping[str, torch.Tensor], config: VisCPMChatConfig) -> str:
+    """What the checkpoint's shapes say about the sizes, where that differs from ``config`` (for messages)."""
+    vision = config.vision_config
+    found: dict[str, int] = {}
+    query = converted.get("query")
+    if query is not None and query.dim() == 2:
+        found["query_num"], found["vision hidden_size"] = (int(size) for size in query.shape)
+    layers = {int(m.group(1)) for key in converted if (m := re.match(r"vision_model\.layers\.(\d+)\.", key))}
+    if layers:
+        found["vision num_hidden_layers"] = max(layers) + 1
+    fc1 = converted.get("vision_model.layers.0.mlp.image.fc1.weight")
+    if fc1 is not None and fc1.dim() == 2:
+        found["vision intermediate_size"] = int(fc1.shape[0])
+    patch = converted.get("vision_model.embeddings.patch_embedding.weight")
+    if patch is not None and patch.dim() == 4:
+        found["vision patch_size"] = int(patch.shape[-1])
+    positions = converted.get("vision_model.embeddings.position_embedding.image.weight")
+    if positions is not None and positions.dim() == 2 and "vision patch_size" in found:
+        patches = int(positions.shape[0]) - 3  # class token + the two unused rows before the first position
+        side = math.isqrt(max(patches, 0))
+        if side * side == patches:
+            found["vision image_size"] = side * found["vision patch_size"]
+    ours = {
+        "query_num": config.query_num,
+        "vision hidden_size": vision.hidden_size,
+        "vision num_hidden_layers": vision.num_hidden_layers,
+        "vision intermediate_size": vision.intermediate_size,
+        "vision patch_size": vision.patch_size,
+        "vision image_size": vision.image_size,
+    }
+    parts = [f"{name}={value} not {ours[name]}" for name, value in found.items() if ours[name] != value]
+    text = {key[len("language_model."):]: tensor for key, tensor in converted.items()
+            if key.startswith("language_model.")}
+    llm = _cpmbee_config_differences(text, config.text_config)
+    if llm:
+        parts.append("llm " + llm.replace(", ", ", llm "))
+    return ", ".join(parts)
+
+
+def _refuse_other_kinds(keys: list[str], source: str) -> None:
+    paint = [key for key in keys if key.startswith(_PAINT_MARKERS)]
+    if paint:
+        raise ConversionError(
+            f"{source} is a VisCPM-Paint checkpoint (it has {len(paint)} trans_block.*/unet.* weights, e.g. "
+            f"{paint[0]}), not VisCPM-Chat; this converter only handles VisCPM-Chat checkpoints"
+        )
+    if not any(key.startswith("vpm.") for key in keys):
+        if any(key.startswith(_LLM_PREFIX) or key == "input_embedding.weight" for key in keys):
+            raise ConversionError(
+                f"{source} has no vision encoder (vpm.*): it looks like a CPM-Bee checkpoint; convert it with "
+                "conversion/convert_cpmbee.py"
+            )
+        raise ConversionError(
+            f"{source} is not a VisCPM-Chat checkpoint (no vpm.*, query, mapping.* or llm.* weights; it has e.g. "
+            f"{_shorten(keys, 3)})"
+        )
+
+
+def convert_viscpm_chat_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    llm_config=None,
+    vision_config=None,
+    query_num: int | None = None,
+    vocab_file: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+    save_processor: Callable[[Path], object] | None = None,
+) -> Path:
+    """Convert an original VisCPM-Chat checkpoint into a `VisCPMChatForConditionalGeneration` folder.
+
+    Args:
+        checkpoint: the original ``.pt`` file (``torch.save`` of ``VLU_CPMBee.state_dict()``).
+        output_dir: the folder to create; it appears only once complete.
+        llm_config: the original CPM-Bee JSON config (file, dict or `CpmBeeConfig`); None is CPM-Bee 10B.
+        vision_config: torchscale `EncoderConfig` keys (file, dict or `VisCPMVisionConfig`); None is BEiT-3 large.
+        query_num: number of query tokens; None is 64.
+        vocab_file: the CPM-Bee vocabulary (``bee.txt``); when given, the tokenizer is saved too.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None keeps the checkpoint's dtype.
+        overwrite: replace a non-empty ``output_dir`` (only after the new folder is complete).
+        save_processor: called with the (temporary) folder after the model is written, to add processor files;
+            whatever it raises aborts the conversion and leaves nothing behind.
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        ConversionError: anything wrong with the inputs, checked before the output is written.
+    """
+    config = build_chat_config(llm_config, vision_config, query_num)
+    target_dtype = parse_dtype(dtype)
+    check_output_dir(output_dir, overwrite)
+    tokenizer = _load_tokenizer(vocab_file, config.text_config) if vocab_file is not None else None
+
+    source = str(checkpoint)
+    original = load_original_checkpoint(checkpoint)
+    keys = list(original)
+    _refuse_other_kinds(keys, source)
+    prefix = detect_prefix(keys, anchor=_LLM_PREFIX + "input_embedding.weight", source=source)
+    if prefix:
+        outside = [key for key in keys if not key.startswith(prefix)]
+        if outside:
+            raise ConversionError(f"{source} mixes keys under {prefix!r} with others, e.g. {_shorten(outside, 3)}")
+        original = {key[len(prefix):]: tensor for key, tensor in original.items()}
+    converted, unmapped, dropped = convert_chat_state_dict(original)
+
+    model = build_meta_model(VisCPMChatForConditionalGeneration, config)
+    differences = _chat_config_differences(converted, config)
+    hint = "pass the sizes that belong to this checkpoint (--llm-config, --vision-config, --query-num)"
+    validate_state_dict(
+        converted,
+        expected_parameter_shapes(model),
+        unexpected=unmapped,
+        describe=_original_name,
+        source=source,
+        summary=f"the checkpoint has {differences}" if differences else "",
+        hint=hint,
+    )
+    for key in dropped:
+        logger.info("dropping %s: %s, not used by VisCPM-Chat at inference", prefix + key, CHAT_DROPPED_KEYS[key])
+
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        save_model_folder(
+            tmp,
+            converted,
+            config,
+            model,
+            dtype=target_dtype,
+            tokenizer=tokenizer,
+            max_shard_size=max_shard_size,
+            progress=progress,
+        )
+        if save_processor is not None:
+            save_processor(tmp)
+    return Path(output_dir)
