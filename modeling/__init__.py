@@ -6,6 +6,8 @@ from .configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
 from .image_processing_viscpm import VisCPMImageProcessor
 from .modeling_cpmbee import CpmBeeForCausalLM, CpmBeeModel, CpmBeePreTrainedModel
 from .modeling_viscpm_chat import VisCPMChatForConditionalGeneration, VisCPMVisionModel, find_image_bound
+from .modeling_viscpm_paint import VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
+from .pipeline_viscpm_paint import VisCPMPaintPipeline, VisCPMPaintPipelineOutput
 from .processing_viscpm_chat import VisCPMChatProcessor
 from .tokenization_cpmbee import CpmBeeTokenizer
 
@@ -19,6 +21,10 @@ __all__ = [
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatProcessor",
     "VisCPMImageProcessor",
+    "VisCPMPaintPipeline",
+    "VisCPMPaintPipelineOutput",
+    "VisCPMPaintTextEncoder",
+    "VisCPMPaintTextEncoderConfig",
     "VisCPMVisionConfig",
     "VisCPMVisionModel",
     "find_image_bound",

@@ -191,6 +191,8 @@ class CpmBeeAttention(nn.Module):
             output, weights = attention(
                 self, query, key, value, additive_mask, dropout=dropout, scaling=self.scaling, is_causal=False
             )
+            # A row that sees no key is zero in the original; the kernels would average all values instead.
+            output = output * visible.any(dim=-1)[..., None, None].to(output.dtype)
         output = self.o_proj(output.reshape(batch, q_len, -1)) / self.out_scale
         return output, weights
 
@@ -354,7 +356,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         query_context = context_mask[:, past_len:, None]
         causal = positions[None, :] <= query_pos[:, None]
         visible = context_mask[:, None, :] | (~query_context & causal[None])
-        visible = visible & attention_mask[:, None, :]
+        # Padding sees nothing and is seen by nothing (its rows come out as zeros, as in the original).
+        visible = visible & attention_mask[:, None, :] & attention_mask[:, past_len:, None]
         return position_bias, visible
 
     def forward(

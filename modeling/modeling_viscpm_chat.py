@@ -14,12 +14,13 @@ The vision states are computed once per prompt (the prefill step) and can be han
 """
 
 from collections.abc import Callable
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -359,6 +360,24 @@ class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     vision_hidden_states: torch.FloatTensor | None = None
 
 
+@dataclass
+class VisCPMChatGenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)` under the original beam search: the sequences (prompt +
+    answer) and the mapped vision states to pass back in a later turn."""
+
+    sequences: torch.LongTensor | None = None
+    vision_hidden_states: torch.FloatTensor | None = None
+
+
+# The original `VisCPMChat.chat()` settings; `max_new_tokens` plays the original's `max_length`.
+# The original applies its temperature inside beam search, which transformers' config does not allow without
+# sampling: it is kept as `beam_temperature` (a `temperature=` passed to `generate()` overrides it).
+ORIGINAL_CHAT_GENERATION = dict(
+    num_beams=3, repetition_penalty=1.1, length_penalty=3.0, max_new_tokens=512, do_sample=False,
+    original_beam_search=True, beam_temperature=0.7,
+)
+
+
 class VisCPMChatPreTrainedModel(PreTrainedModel):
     config_class = VisCPMChatConfig
     config: VisCPMChatConfig
@@ -406,6 +425,11 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         self.mapping = nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
         self.language_model = CpmBeeForCausalLM(config.text_config)
         self.post_init()
+        text = config.text_config
+        self.generation_config = GenerationConfig(
+            **ORIGINAL_CHAT_GENERATION,
+            bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+        )
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -590,10 +614,58 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                  unk_allowed=None, **kwargs):
         """`GenerationMixin.generate` with images (`pixel_values` or `vision_hidden_states`, and `image_bound`),
         plus CPM-Bee's vocabulary rule when the tokenizer's ``ext_table_mask``/``unk_allowed`` are passed (see
-        [`CpmBeeForCausalLM.generate`])."""
+        [`CpmBeeForCausalLM.generate`]).
+
+        The default generation config is the original `chat()`'s (beam 3, temperature 0.7 as ``beam_temperature``,
+        repetition penalty 1.1, length penalty 3, ``max_new_tokens=512`` as the original's ``max_length``) with
+        ``original_beam_search=True``: then search without sampling runs [`cpmbee_beam_search`], so `generate()`
+        and `pipeline("image-text-to-text")` give the original's answers. Set ``original_beam_search=False`` for
+        transformers' own greedy/beam search (and for streaming); sampling always uses transformers' loop.
+        Returns the prompt followed by each answer and its ``</s>``, right-padded.
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        if "temperature" not in kwargs and getattr(config, "beam_temperature", None) is not None:
+            kwargs_temperature = config.beam_temperature
+        else:
+            kwargs_temperature = kwargs.get("temperature", config.temperature)
+        model_kwargs = config.update(**kwargs)
+        if getattr(config, "original_beam_search", False) and not config.do_sample:
+            unsupported = [name for name in ("streamer", "stopping_criteria", "prefix_allowed_tokens_fn")
+                           if model_kwargs.get(name) is not None] + (["logits_processor"] if logits_processor else [])
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)} need transformers' decoding loop: pass original_beam_search=False "
+                    "(or do_sample=True)"
+                )
+            return self._generate_original(inputs, config, kwargs_temperature, ext_table_mask, unk_allowed,
+                                           **model_kwargs)
         logits_processor = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask, unk_allowed)
-        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
-                                **kwargs)
+        config.original_beam_search = False
+        return super().generate(inputs, generation_config=config, logits_processor=logits_processor,
+                                **model_kwargs)
+
+    def _generate_original(self, inputs, config, temperature, ext_table_mask, unk_allowed, input_ids=None,
+                           return_dict_in_generate=None, **model_kwargs):
+        input_ids = inputs if input_ids is None else input_ids
+        if input_ids is None:
+            raise ValueError("the original beam search needs `input_ids` (the processor's output)")
+        answers, vision_hidden_states = self.cpmbee_beam_search(
+            input_ids, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
+            beam_size=config.num_beams, max_length=config.max_new_tokens,
+            repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
+            temperature=temperature or 1.0,
+            **{k: v for k, v in model_kwargs.items() if k not in ("use_cache", "attention_mask")},
+            attention_mask=model_kwargs.get("attention_mask"),
+        )
+        eos, pad = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
+        rows = [[token for slot in answer for token in (*slot, eos)] for answer in answers]
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long,
+                           device=input_ids.device)
+        sequences = torch.cat([input_ids, new], dim=1)
+        if return_dict_in_generate or config.return_dict_in_generate:
+            return VisCPMChatGenerateOutput(sequences=sequences, vision_hidden_states=vision_hidden_states)
+        return sequences
 
     @torch.no_grad()
     def cpmbee_beam_search(

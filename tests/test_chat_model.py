@@ -259,11 +259,13 @@ def test_greedy_generate_batched_equals_single(chat):
     _, model, tokenizer, _ = chat
     pixels = _pixels(len(PROMPTS))
     batch = _encode(tokenizer, PROMPTS)
-    out = model.generate(**batch, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    out = model.generate(**batch, pixel_values=pixels, max_new_tokens=6, do_sample=False, num_beams=1,
+                         original_beam_search=False)
     length = batch["input_ids"].shape[1]
     for row, data in enumerate(PROMPTS):
         inputs = _encode(tokenizer, [data])
-        single = model.generate(**inputs, pixel_values=pixels[row: row + 1], max_new_tokens=6, do_sample=False)
+        single = model.generate(**inputs, pixel_values=pixels[row: row + 1], max_new_tokens=6, do_sample=False, num_beams=1,
+                         original_beam_search=False)
         assert single[0, inputs["input_ids"].shape[1]:].tolist() == out[row, length:].tolist()
         # The first greedy token is the argmax of the prompt's last logits (the image was used on the prompt step).
         with torch.no_grad():
@@ -278,8 +280,8 @@ def test_generate_with_vision_states_equals_with_pixels(chat):
     batch = _encode(tokenizer, PROMPTS)
     with torch.no_grad():
         vision = model.get_vision_hidden_states(pixels)
-    a = model.generate(**batch, pixel_values=pixels, max_new_tokens=5, do_sample=False)
-    b = model.generate(**batch, vision_hidden_states=vision, max_new_tokens=5, do_sample=False)
+    a = model.generate(**batch, pixel_values=pixels, max_new_tokens=5, do_sample=False)  # the original beam search
+    b = model.generate(**batch, vision_hidden_states=vision, max_new_tokens=5, do_sample=False)  # the original beam search
     assert torch.equal(a, b)
 
 
@@ -293,11 +295,11 @@ def test_sampling_and_hf_beam_search_with_images(chat):
     b = model.generate(**batch, pixel_values=pixels, max_new_tokens=4, do_sample=True, top_k=20)
     assert torch.equal(a, b)
     beams = model.generate(**batch, pixel_values=pixels, max_new_tokens=4, num_beams=3, num_return_sequences=2,
-                           do_sample=False)
+                           do_sample=False, original_beam_search=False)
     assert beams.shape == (4, batch["input_ids"].shape[1] + 4)
     # The best beam of each prompt starts like beam search over the same prompt alone.
     single = model.generate(**_encode(tokenizer, PROMPTS[1:]), pixel_values=pixels[1:], max_new_tokens=4,
-                            num_beams=3, do_sample=False)
+                            num_beams=3, do_sample=False, original_beam_search=False)
     assert beams[2, -4:].tolist() == single[0, -4:].tolist()
 
 

@@ -25,10 +25,16 @@ from .modeling import (
     VisCPMChatForConditionalGeneration,
     VisCPMChatProcessor,
     VisCPMImageProcessor,
+    VisCPMPaintPipeline,
+    VisCPMPaintPipelineOutput,
+    VisCPMPaintTextEncoder,
+    VisCPMPaintTextEncoderConfig,
     VisCPMVisionConfig,
     VisCPMVisionModel,
 )
 from .modeling.generation_cpmbee import cpmbee_beam_search
+from .chat import ChatResponse, VisCPMChat
+from .paint import VisCPMPaint
 
 __version__ = "0.1.0.dev0"
 
@@ -52,18 +58,28 @@ def _register() -> None:
     )
     AutoProcessor.register(VisCPMChatConfig, VisCPMChatProcessor, exist_ok=True)
 
+    AutoConfig.register(VisCPMPaintTextEncoderConfig.model_type, VisCPMPaintTextEncoderConfig, exist_ok=True)
+    AutoModel.register(VisCPMPaintTextEncoderConfig, VisCPMPaintTextEncoder, exist_ok=True)
+
 
 _register()
 
 __all__ = [
+    "ChatResponse",
     "CpmBeeConfig",
     "CpmBeeForCausalLM",
     "CpmBeeModel",
     "CpmBeeTokenizer",
+    "VisCPMChat",
     "VisCPMChatConfig",
     "VisCPMChatForConditionalGeneration",
     "VisCPMChatProcessor",
     "VisCPMImageProcessor",
+    "VisCPMPaint",
+    "VisCPMPaintPipeline",
+    "VisCPMPaintPipelineOutput",
+    "VisCPMPaintTextEncoder",
+    "VisCPMPaintTextEncoderConfig",
     "VisCPMVisionConfig",
     "VisCPMVisionModel",
     "cpmbee_beam_search",

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -53,7 +53,9 @@ from .convert import (
     validate_state_dict,
 )
 from .modeling.configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
+from .modeling.image_processing_viscpm import VisCPMImageProcessor
 from .modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
+from .modeling.processing_viscpm_chat import VisCPMChatProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +291,6 @@ def convert_viscpm_chat_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
-    save_processor: Callable[[Path], object] | None = None,
 ) -> Path:
     """Convert an original VisCPM-Chat checkpoint into a `VisCPMChatForConditionalGeneration` folder.
 
@@ -299,11 +300,10 @@ def convert_viscpm_chat_checkpoint(
         llm_config: the original CPM-Bee JSON config (file, dict or `CpmBeeConfig`); None is CPM-Bee 10B.
         vision_config: torchscale `EncoderConfig` keys (file, dict or `VisCPMVisionConfig`); None is BEiT-3 large.
         query_num: number of query tokens; None is 64.
-        vocab_file: the CPM-Bee vocabulary (``bee.txt``); when given, the tokenizer is saved too.
+        vocab_file: the CPM-Bee vocabulary (``bee.txt``); when given, the processor (image processor + tokenizer)
+            is saved too, so `AutoProcessor`, `pipeline("image-text-to-text")` and `VisCPMChat` load the folder.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None keeps the checkpoint's dtype.
         overwrite: replace a non-empty ``output_dir`` (only after the new folder is complete).
-        save_processor: called with the (temporary) folder after the model is written, to add processor files;
-            whatever it raises aborts the conversion and leaves nothing behind.
 
     Returns:
         ``output_dir`` as a Path.
@@ -314,7 +314,14 @@ def convert_viscpm_chat_checkpoint(
     config = build_chat_config(llm_config, vision_config, query_num)
     target_dtype = parse_dtype(dtype)
     check_output_dir(output_dir, overwrite)
-    tokenizer = _load_tokenizer(vocab_file, config.text_config) if vocab_file is not None else None
+    processor = None
+    if vocab_file is not None:
+        image_size = config.vision_config.image_size
+        processor = VisCPMChatProcessor(
+            VisCPMImageProcessor(size={"height": image_size, "width": image_size}),
+            _load_tokenizer(vocab_file, config.text_config),
+            query_num=config.query_num,
+        )
 
     source = str(checkpoint)
     original = load_original_checkpoint(checkpoint)
@@ -350,10 +357,8 @@ def convert_viscpm_chat_checkpoint(
             config,
             model,
             dtype=target_dtype,
-            tokenizer=tokenizer,
+            tokenizer=processor,
             max_shard_size=max_shard_size,
             progress=progress,
         )
-        if save_processor is not None:
-            save_processor(tmp)
     return Path(output_dir)

@@ -1,0 +1,502 @@
+"""VisCPM-Paint as a diffusers pipeline: Stable Diffusion 2.1 conditioned on CPM-Bee (Chinese and English prompts).
+
+It draws the same images as the original VisCPM-Paint for the same weights, settings and ``torch.Generator``:
+
+* each prompt is the CPM-Bee dict ``{"caption": prompt, "objects": ""}``, the negative prompt (default ``""``)
+  the same dict; all of them are right-padded to the longest one, and the UNet sees the padded positions
+  (no attention mask), as in the original;
+* classifier-free guidance runs on the batch ``[uncond, cond]``;
+* the initial latents and the scheduler's noise are drawn in the original's order from ``generator``;
+* optional, as in the original: a prompt checker (a text classifier whose label 1 above
+  ``prompt_checker_threshold`` refuses the prompt), the Stable Diffusion image safety checker, and a ranker
+  (a Chinese-CLIP model) that draws ``ranker_candidates`` images per requested image and keeps the one whose
+  CLIP score against the prompt is highest.
+
+Only torch, transformers and diffusers are imported: the file also ships as remote code.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class VisCPMPaintPipelineOutput(BaseOutput):
+    """
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` `[N, H, W, 3]` or `torch.Tensor` `[N, 3, H, W]`): the images,
+            ``num_images_per_prompt`` per prompt, prompt-major (latents for ``output_type="latent"``). Images that
+            the safety checker flagged and images of refused prompts are black.
+        nsfw_content_detected (`list[bool | None]`): per image, whether the image safety checker flagged it;
+            ``None`` where it did not run (no checker, a refused prompt, or ``output_type="latent"``).
+        prompt_refused (`list[bool]`): per image, whether the prompt checker refused its prompt (nothing was drawn).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool | None]
+    prompt_refused: list[bool]
+
+
+class VisCPMPaintPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation with VisCPM-Paint.
+
+    Components:
+        text_encoder ([`VisCPMPaintTextEncoder`]): CPM-Bee + the bridge to the UNet's cross-attention width.
+        tokenizer ([`CpmBeeTokenizer`]): CPM-Bee's tokenizer.
+        unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`]): Stable Diffusion 2.1 parts.
+        scheduler: the original's `DDPMScheduler`; any compatible diffusers scheduler can be swapped in.
+        safety_checker ([`StableDiffusionSafetyChecker`], *optional*) + feature_extractor (its image processor).
+        prompt_checker (a `*ForSequenceClassification` model, *optional*) + prompt_checker_tokenizer.
+        ranker (`ChineseCLIPModel` or any CLIP-like model with `logits_per_image`, *optional*) + ranker_processor.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = [
+        "safety_checker",
+        "feature_extractor",
+        "prompt_checker",
+        "prompt_checker_tokenizer",
+        "ranker",
+        "ranker_processor",
+    ]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        text_encoder,
+        tokenizer,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker=None,
+        feature_extractor=None,
+        prompt_checker=None,
+        prompt_checker_tokenizer=None,
+        ranker=None,
+        ranker_processor=None,
+        prompt_checker_threshold: float = 0.75,
+        ranker_candidates: int = 4,
+    ):
+        super().__init__()
+        for name, model, partner in (
+            ("safety_checker", safety_checker, feature_extractor),
+            ("prompt_checker", prompt_checker, prompt_checker_tokenizer),
+            ("ranker", ranker, ranker_processor),
+        ):
+            if model is not None and partner is None:
+                raise ValueError(f"`{name}` needs its preprocessor too (feature_extractor / *_tokenizer / *_processor)")
+        self.register_modules(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            vae=vae,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            prompt_checker=prompt_checker,
+            prompt_checker_tokenizer=prompt_checker_tokenizer,
+            ranker=ranker,
+            ranker_processor=ranker_processor,
+        )
+        self.register_to_config(prompt_checker_threshold=prompt_checker_threshold, ranker_candidates=ranker_candidates)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------ text
+
+    @staticmethod
+    def _prompt_dict(text: str) -> dict:
+        # Literal text: a "<" typed by the user is escaped rather than read as a CPM-Bee special token.
+        return {"caption": text.replace("<", "<<"), "objects": ""}
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str], device, min_length: int = 0) -> torch.Tensor:
+        """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``)."""
+        inputs = self.tokenizer(
+            [self._prompt_dict(text) for text in texts],
+            return_tensors="pt",
+            padding="max_length" if min_length else True,
+            max_length=min_length or None,
+            padding_side="right",
+        )
+        keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
+                "ext_table_sub")
+        inputs = {key: inputs[key].to(device) for key in keys}
+        return self.text_encoder(**inputs).last_hidden_state
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt``
+        times per prompt; the negative one is None without guidance.
+
+        Prompts and negative prompts are encoded in one batch, all padded to the longest, as the original pads
+        a prompt and its negative to the longer of the two.
+        """
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            texts = list(prompts)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                texts = self._negatives(negative_prompt, len(prompts)) + texts
+            embeds = self._encode_texts(texts, device)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negative_prompt_embeds, prompt_embeds = embeds[: len(prompts)], embeds[len(prompts):]
+            else:
+                prompt_embeds = embeds
+        elif do_classifier_free_guidance and negative_prompt_embeds is None:
+            batch, length = prompt_embeds.shape[:2]
+            negatives = self._negatives(negative_prompt, batch)
+            lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives],
+                                                          padding=False)["input_ids"]]
+            if max(lengths) > length:
+                raise ValueError(
+                    f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
+                    "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
+                )
+            negative_prompt_embeds = self._encode_texts(negatives, device, min_length=length)
+
+        dtype = self.unet.dtype if getattr(self, "unet", None) is not None else prompt_embeds.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
+                    f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
+                )
+        else:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
+
+    @staticmethod
+    def _negatives(negative_prompt, batch_size: int) -> list[str]:
+        if negative_prompt is None:
+            return [""] * batch_size
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * batch_size
+        negatives = list(negative_prompt)
+        if len(negatives) != batch_size:
+            raise ValueError(f"got {len(negatives)} negative prompts for {batch_size} prompts")
+        if not all(isinstance(text, str) for text in negatives):
+            raise TypeError("`negative_prompt` must be a str or a list of str")
+        return negatives
+
+    # ------------------------------------------------------------------ checks
+
+    @torch.no_grad()
+    def check_prompts(self, prompts: list[str], device=None) -> list[bool]:
+        """Per prompt, True when the prompt checker refuses it (its label 1 scores above the threshold)."""
+        if self.prompt_checker is None:
+            return [False] * len(prompts)
+        device = device or self._execution_device
+        inputs = self.prompt_checker_tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
+        logits = self.prompt_checker(**inputs.to(device)).logits
+        unsafe = logits.float().softmax(-1)[:, 1]
+        return [bool(score > self.config.prompt_checker_threshold) for score in unsafe]
+
+    def run_safety_checker(self, images: np.ndarray, device, dtype) -> tuple[np.ndarray, list[bool | None]]:
+        """Black out the images the safety checker flags; ``images`` are ``[N, H, W, 3]`` floats in [0, 1]."""
+        if self.safety_checker is None:
+            return images, [None] * len(images)
+        clip_input = self.feature_extractor(self.numpy_to_pil(images), return_tensors="pt").pixel_values
+        images, flagged = self.safety_checker(images=images, clip_input=clip_input.to(device=device, dtype=dtype))
+        flagged = [bool(flag) for flag in flagged]
+        for index, flag in enumerate(flagged):
+            if flag:
+                images[index] = np.zeros(images[index].shape)
+        if any(flagged):
+            logger.warning("Potential NSFW content was detected in one or more images: they are replaced by black images.")
+        return images, flagged
+
+    @torch.no_grad()
+    def rank(self, prompt: str, images: list[PIL.Image.Image], device=None) -> torch.Tensor:
+        """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``."""
+        device = device or self._execution_device
+        inputs = self.ranker_processor(text=[prompt], images=images, return_tensors="pt", padding=True)
+        return self.ranker(**inputs.to(device)).logits_per_image[:, 0].float().cpu()
+
+    def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                     num_images_per_prompt, callback_on_step_end_tensor_inputs):
+        if height % 8 != 0 or width % 8 != 0:
+            raise ValueError(f"`height` and `width` must be multiples of 8, got {height} and {width}")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive, got {height} and {width}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(text, str) for text in prompts):
+                raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+            if not prompts:
+                raise ValueError("`prompt` is an empty list: nothing to draw")
+            for index, text in enumerate(prompts):
+                if not text.strip():
+                    raise ValueError(f"prompt {index} is empty: describe the image to draw")
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                self._negatives(negative_prompt, len(prompts))
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
+        if prompt_embeds is not None and prompt_embeds.dim() != 3:
+            raise ValueError(f"`prompt_embeds` must be [batch, seq, dim], got shape {tuple(prompt_embeds.shape)}")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
+
+    # ------------------------------------------------------------------ images
+
+    def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
+        shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got a list of {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt"
+                " × ranker candidates): pass one generator, or exactly one per image"
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE decode to ``[N, H, W, 3]`` float32 in [0, 1]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1)
+        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        use_ranker: bool | None = None,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""
+        Draw images for ``prompt``.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw, in Chinese or English. Or pass `prompt_embeds`.
+            height, width (`int`, defaults to the UNet's sample size × the VAE scale factor, 512): multiples of 8.
+            num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, defaults to 7.5; ≤ 1 disables
+                classifier-free guidance).
+            negative_prompt (`str` or `list[str]`): what not to draw (default `""`, as the original).
+            num_images_per_prompt (`int`, defaults to 1).
+            generator (`torch.Generator` or a list, one per drawn image): the same generator gives the
+                original's images. With the ranker, ``ranker_candidates`` images are drawn per requested image.
+            latents (`torch.Tensor`): initial noise `[images, C, H/f, W/f]` instead of drawing it.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`): text conditioning from [`encode_prompt`]
+                (one row per prompt); the prompt checker cannot check them.
+            output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding, the safety checker
+                and the ranker.
+            use_ranker (`bool`): rank candidates with the ranker; default: when the pipeline has one.
+            callback_on_step_end: called after each denoising step as ``fn(pipe, step, timestep, tensors)``;
+                may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+
+        Returns:
+            [`VisCPMPaintPipelineOutput`], or a tuple `(images, nsfw_content_detected, prompt_refused)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          num_images_per_prompt, callback_on_step_end_tensor_inputs)
+
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
+        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if use_ranker is None:
+            use_ranker = self.ranker is not None
+        if use_ranker and (self.ranker is None or prompts is None):
+            raise ValueError("`use_ranker=True` needs a ranker in the pipeline and a text `prompt`")
+        use_ranker = use_ranker and output_type != "latent"
+        candidates = self.config.ranker_candidates if use_ranker else 1
+
+        # 1. Refuse flagged prompts; only the others are drawn.
+        refused = self.check_prompts(prompts, device) if prompts is not None else [False] * batch_size
+        if any(refused):
+            logger.warning(f"The prompt checker refused {sum(refused)} of {batch_size} prompts: no image is drawn for them.")
+        kept = [i for i in range(batch_size) if not refused[i]]
+        if prompts is not None:
+            prompt_kept = [prompts[i] for i in kept]
+            negative_kept = negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else [
+                negative_prompt[i] for i in kept]
+        draws = len(kept) * num_images_per_prompt * candidates
+
+        images = None
+        if kept:
+            # 2. Text conditioning.
+            if prompts is None:
+                embeds_in = prompt_embeds[kept]
+                negative_in = negative_prompt_embeds[kept] if negative_prompt_embeds is not None else None
+            else:
+                embeds_in, negative_in = None, negative_prompt_embeds
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt_kept if prompts is not None else None,
+                device,
+                num_images_per_prompt * candidates,
+                self.do_classifier_free_guidance,
+                negative_kept if prompts is not None else negative_prompt,
+                prompt_embeds=embeds_in,
+                negative_prompt_embeds=negative_in,
+            )
+            if self.do_classifier_free_guidance:
+                text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            else:
+                text_embeds = prompt_embeds
+
+            # 3. Timesteps and initial noise.
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            timesteps = self.scheduler.timesteps
+            latents = self.prepare_latents(draws, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
+                                           device, generator, latents)
+            extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
+
+            # 4. Denoise.
+            self._num_timesteps = len(timesteps)
+            with self.progress_bar(total=num_inference_steps) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
+                    if self.do_classifier_free_guidance:
+                        noise_uncond, noise_text = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        local = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "negative_prompt_embeds": negative_prompt_embeds}
+                        outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                        outputs = outputs or {}
+                        latents = outputs.pop("latents", latents)
+                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        if self.do_classifier_free_guidance:
+                            text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+                        else:
+                            text_embeds = prompt_embeds
+                    progress_bar.update()
+            images = latents
+
+        # 5. Decode, check, rank.
+        per_prompt = num_images_per_prompt
+        nsfw: list[bool | None] = [None] * (len(kept) * per_prompt)
+        if images is not None and output_type != "latent":
+            decoded = self.decode_latents(images)
+            decoded, nsfw = self.run_safety_checker(decoded, device, text_embeds.dtype)
+            if use_ranker:
+                chosen = []
+                pil = self.numpy_to_pil(decoded)
+                for p, index in enumerate(kept):
+                    for k in range(per_prompt):
+                        start = (p * per_prompt + k) * candidates
+                        scores = self.rank(prompts[index], pil[start:start + candidates], device)
+                        chosen.append(start + int(torch.argmax(scores)))
+                decoded = decoded[chosen]
+                nsfw = [nsfw[i] for i in chosen]
+            images = decoded
+
+        # 6. Put refused prompts back in place (black images) and convert.
+        images, nsfw = self._fill_refused(images, nsfw, refused, kept, per_prompt, height, width, output_type, device)
+        prompt_refused = [refused[i // per_prompt] for i in range(batch_size * per_prompt)]
+        if output_type == "pil":
+            images = self.numpy_to_pil(images)
+        elif output_type == "pt":
+            images = torch.from_numpy(images).permute(0, 3, 1, 2)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw, prompt_refused
+        return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw, prompt_refused=prompt_refused)
+
+    def _fill_refused(self, images, nsfw, refused, kept, per_prompt, height, width, output_type, device):
+        if not any(refused):
+            return images, nsfw
+        total = len(refused) * per_prompt
+        if output_type == "latent":
+            shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            full = torch.zeros(shape, device=device, dtype=self.unet.dtype)
+        else:
+            full = np.zeros((total, height, width, 3), dtype=np.float32)
+        flags: list[bool | None] = [None] * total
+        for p, index in enumerate(kept):
+            for k in range(per_prompt):
+                full[index * per_prompt + k] = images[p * per_prompt + k]
+                flags[index * per_prompt + k] = nsfw[p * per_prompt + k]
+        return full, flags
+
+
+def _step_parameters(scheduler) -> set:
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+__all__ = ["VisCPMPaintPipeline", "VisCPMPaintPipelineOutput"]

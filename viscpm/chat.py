@@ -1,0 +1,183 @@
+"""`VisCPMChat`: the original VisCPM-Chat interface over the Hugging Face model and processor.
+
+    chat = VisCPMChat.from_pretrained("viscpm-chat-hf", dtype=torch.float16, device="cuda")
+    answer, context, vision_hidden_states = chat.chat(image, "这张图片里有什么？")
+    answer, context, _ = chat.chat(image, "What colour is it?", context=context,
+                                   vision_hidden_states=vision_hidden_states)
+
+The defaults are the original's (beam 3, temperature 0.7, repetition penalty 1.1, length penalty 3,
+``max_new_tokens=512`` as the original's ``max_length``, the prompt limited to 3000 tokens) and so is the decoding,
+so the answer string equals the original's for the same weights. Unlike the original, what the user types is
+always text: a ``<`` or ``<ans>`` in a question cannot change the prompt's structure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .modeling.tokenization_cpmbee import CpmBeeTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
+DEFAULT_SAFETY_FEATURE_EXTRACTOR = "openai/clip-vit-base-patch32"
+
+
+class ChatResponse(tuple):
+    """``(answer, context, vision_hidden_states)``, as the original returns, plus ``nsfw_detected``: True when
+    the image safety checker flagged the image (None when no checker is configured)."""
+
+    def __new__(cls, answer: str, context: str, vision_hidden_states: torch.Tensor, nsfw_detected: bool | None):
+        response = super().__new__(cls, (answer, context, vision_hidden_states))
+        response.nsfw_detected = nsfw_detected
+        return response
+
+    answer = property(lambda self: self[0])
+    context = property(lambda self: self[1])
+    vision_hidden_states = property(lambda self: self[2])
+
+
+class VisCPMChat:
+    """Multi-turn chat about an image with a converted VisCPM-Chat folder (a drop-in for the original class)."""
+
+    def __init__(self, model, processor, image_safety_checker=None, safety_feature_extractor=None):
+        self.model = model.eval()
+        self.processor = processor
+        self.image_safety_checker = image_safety_checker
+        self.safety_feature_extractor = safety_feature_extractor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        image_safety_checker: bool | str | os.PathLike | None = None,
+        **kwargs,
+    ) -> "VisCPMChat":
+        """Load a converted folder (see ``conversion/convert_viscpm_chat.py``) or a Hub repo in that format.
+
+        Args:
+            dtype: e.g. ``torch.float16``; default: as saved.
+            device: where to run (default: CUDA when available, else CPU); ignored with ``device_map``.
+            device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread the model over several GPUs).
+            image_safety_checker: ``True`` for the original's checker (``CompVis/stable-diffusion-safety-checker``
+                with the ``openai/clip-vit-base-patch32`` image processor), or a repo id / folder holding a
+                ``StableDiffusionSafetyChecker`` (and, optionally, its CLIP image processor); off by default.
+        """
+        load_kwargs = dict(kwargs)
+        if dtype is not None:
+            load_kwargs["dtype"] = dtype
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
+        if device_map is None:
+            model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path)
+        checker, extractor = _load_safety_checker(image_safety_checker, model.device)
+        return cls(model, processor, checker, extractor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def chat(
+        self,
+        image: Any,
+        question: str,
+        context: str = "",
+        vision_hidden_states: torch.Tensor | None = None,
+        **generation_overrides,
+    ) -> ChatResponse:
+        """Answer ``question`` about ``image``; returns ``(answer, context, vision_hidden_states)``.
+
+        ``context`` is the history this method returned for the previous turn (``"User: q\\nAI: a\\n"`` per
+        turn); ``vision_hidden_states`` from a previous turn about the same image skips the vision encoder.
+        ``generation_overrides`` use transformers' names (``num_beams``, ``temperature``,
+        ``repetition_penalty``, ``length_penalty``, ``max_new_tokens``, ``do_sample``, ``top_p``, ...).
+        """
+        return self.batch_chat(
+            [image], [question], [context],
+            vision_hidden_states=vision_hidden_states, **generation_overrides,
+        )[0]
+
+    def batch_chat(
+        self,
+        images: list,
+        questions: list[str],
+        contexts: list[str] | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        **generation_overrides,
+    ) -> list[ChatResponse]:
+        """`chat` for several (image, question, context) items at once, padded into one batch."""
+        if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
+            raise ValueError("questions must be a list of strings (use chat() for one question)")
+        contexts = list(contexts) if contexts is not None else [""] * len(questions)
+        if not (len(images) == len(questions) == len(contexts)) or not questions:
+            raise ValueError(
+                f"got {len(images)} images, {len(questions)} questions and {len(contexts)} contexts: pass one of "
+                "each per item"
+            )
+        for question, context in zip(questions, contexts):
+            if not isinstance(question, str) or not isinstance(context, str):
+                raise ValueError("questions and contexts must be strings")
+
+        pixel_values = None
+        if vision_hidden_states is None:
+            pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        flags = self._check_images(images) if self.image_safety_checker is not None else [None] * len(images)
+
+        inputs = self.processor(text=list(questions), context=contexts, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            if vision_hidden_states is None:
+                vision_hidden_states = self.model.get_vision_hidden_states(pixel_values.to(self.device))
+            out = self.model.generate(**inputs, vision_hidden_states=vision_hidden_states, **generation_overrides)
+        prompts = [self.processor.build_prompt(q, c) for q, c in zip(questions, contexts)]
+        decoded = self.processor.tokenizer.decode_answers(prompts, out[:, inputs["input_ids"].shape[1]:].tolist())
+
+        responses = []
+        for row, (question, context, data) in enumerate(zip(questions, contexts, decoded)):
+            answer = data["<ans>"] or ""
+            # Our contexts are plain text (the processor escapes them); the answer string is CPM-Bee text.
+            history = context + "User: " + question + "\n" + "AI: " + CpmBeeTokenizer.unescape(answer) + "\n"
+            states = vision_hidden_states[row: row + 1] if vision_hidden_states.shape[0] > 1 else vision_hidden_states
+            responses.append(ChatResponse(answer, history, states, flags[row]))
+        return responses
+
+    def _check_images(self, images) -> list[bool]:
+        """Run the image safety checker; flagged images are answered all the same (as the original does), but the
+        response says so and a warning is logged."""
+        pil = [self.processor.image_processor.to_pil(image) for image in images]
+        clip_input = self.safety_feature_extractor(pil, return_tensors="pt")["pixel_values"]
+        checker = self.image_safety_checker
+        arrays = np.stack([np.asarray(image.resize((8, 8)), dtype=np.float32) / 255.0 for image in pil])
+        with torch.no_grad():
+            _, flags = checker(images=arrays, clip_input=clip_input.to(checker.device, checker.dtype))
+        flags = [bool(flag) for flag in flags]
+        if any(flags):
+            logger.warning("the image safety checker flagged %d of %d input image(s)", sum(flags), len(flags))
+        return flags
+
+
+def _load_safety_checker(option, device):
+    if option is None or option is False:
+        return None, None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    source = DEFAULT_SAFETY_CHECKER if option is True else str(option)
+    checker = StableDiffusionSafetyChecker.from_pretrained(source).to(device).eval()
+    extractor_source = source if os.path.isfile(os.path.join(source, "preprocessor_config.json")) else (
+        DEFAULT_SAFETY_FEATURE_EXTRACTOR
+    )
+    return checker, CLIPImageProcessor.from_pretrained(extractor_source)
+
+
+__all__ = ["ChatResponse", "VisCPMChat"]
