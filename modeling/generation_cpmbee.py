@@ -215,6 +215,7 @@ def cpmbee_beam_search(
     done = [False] * batch
     states = [[{"slot": 0, "tokens": []} for _ in range(beam_size)] for _ in range(batch)]
 
+    next_tokens = None
     for step in range(max_length + 1):
         if step > 0:
             outputs = model(

@@ -7,23 +7,21 @@ outputs, the logits of a prompt with an image, and the answers of the original b
 """
 
 import copy
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHAT_QUERY_NUM, load_script
 from oracle import (
     TINY_ORIGINAL_CONFIG,
     TINY_VISION_CONFIG,
-    build_original_vlu,
     original_chat_generate,
     original_prompt,
     original_vision_hidden_states,
     original_vlu_logits,
 )
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import viscpm  # noqa: F401  (registers the Auto classes)
 from viscpm.convert import ConversionError
@@ -35,49 +33,10 @@ from viscpm.modeling.modeling_viscpm_chat import (
     find_image_bound,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-QUERY_NUM = 64
+QUERY_NUM = CHAT_QUERY_NUM
 # VisCPMChat.chat's settings, with a short answer limit to keep the test fast.
 CHAT = dict(beam_size=3, temperature=0.7, repetition_penalty=1.1, length_penalty=3.0, max_length=16)
 LM_KEYS = ("attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids", "ext_table_sub")
-
-
-def _load_script():
-    path = REPO / "conversion" / "convert_viscpm_chat.py"
-    spec = importlib.util.spec_from_file_location("convert_viscpm_chat_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    vlu = build_original_vlu(seed=0, query_num=QUERY_NUM)
-    checkpoint = root / "viscpm_chat.pt"
-    torch.save(vlu.state_dict(), checkpoint)
-    (root / "llm.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
-    (root / "vision.json").write_text(json.dumps(TINY_VISION_CONFIG))
-    return vlu, root, checkpoint
-
-
-@pytest.fixture(scope="module")
-def chat(files, vocab_file):
-    """(original VLU_CPMBee, our model, our tokenizer, folder): converted by the script, loaded by Auto classes."""
-    vlu, root, checkpoint = files
-    status = script.main([
-        "--checkpoint", str(checkpoint), "--output-dir", str(root / "hf"), "--llm-config", str(root / "llm.json"),
-        "--vision-config", str(root / "vision.json"), "--query-num", str(QUERY_NUM), "--vocab-file", vocab_file,
-        "--no-progress",
-    ])
-    assert status == 0
-    model = AutoModelForImageTextToText.from_pretrained(root / "hf", attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
-    assert isinstance(model, VisCPMChatForConditionalGeneration)
-    return vlu, model, tokenizer, root / "hf"
 
 
 def _pixels(count, seed=3):
@@ -416,8 +375,8 @@ def _convert(checkpoint, output, root, **kwargs):
     )
 
 
-def test_paint_and_cpmbee_checkpoints_are_refused(files, tmp_path, capsys):
-    vlu, root, _ = files
+def test_paint_and_cpmbee_checkpoints_are_refused(chat_files, tmp_path, capsys):
+    vlu, root, _ = chat_files
     state = vlu.state_dict()
     paint = {k: v for k, v in state.items() if k.startswith("llm.")}
     paint["trans_block.0.weight"] = torch.zeros(4, 32)
@@ -425,7 +384,7 @@ def test_paint_and_cpmbee_checkpoints_are_refused(files, tmp_path, capsys):
     torch.save(paint, tmp_path / "paint.pt")
     with pytest.raises(ConversionError, match="VisCPM-Paint checkpoint"):
         _convert(tmp_path / "paint.pt", tmp_path / "out", root)
-    status = script.main(["--checkpoint", str(tmp_path / "paint.pt"), "--output-dir", str(tmp_path / "out")])
+    status = load_script("convert_viscpm_chat").main(["--checkpoint", str(tmp_path / "paint.pt"), "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1 and "VisCPM-Paint" in err[0]
     llm_only = {k: v for k, v in state.items() if k.startswith("llm.")}
@@ -435,8 +394,8 @@ def test_paint_and_cpmbee_checkpoints_are_refused(files, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_mismatched_sizes_are_named(files, tmp_path):
-    _, root, checkpoint = files
+def test_mismatched_sizes_are_named(chat_files, tmp_path):
+    _, root, checkpoint = chat_files
     with pytest.raises(ConversionError, match=r"query_num=64 not 8.*--query-num"):
         _convert(checkpoint, tmp_path / "out", root, query_num=8)
     with pytest.raises(ConversionError, match=r"vision hidden_size=24 not 1024"):
@@ -452,8 +411,8 @@ def test_mismatched_sizes_are_named(files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dropped_keys_are_logged_and_dtype_option(files, tmp_path, caplog):
-    _, root, checkpoint = files
+def test_dropped_keys_are_logged_and_dtype_option(chat_files, tmp_path, caplog):
+    _, root, checkpoint = chat_files
     with caplog.at_level(logging.INFO, logger="viscpm.convert_chat"):
         _convert(checkpoint, tmp_path / "out", root, dtype="bfloat16")
     logged = caplog.text
