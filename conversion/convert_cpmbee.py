@@ -45,45 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 on usage errors
 
     try:
-        from viscpm.convert import ConversionError, convert_cpmbee_checkpoint, default_vocab_file
+        from viscpm.convert import convert_cpmbee_checkpoint, run_converter
     except ImportError as error:
         print(f"error: cannot import viscpm ({error}); run `pip install -e .` in the repository", file=sys.stderr)
         return 1
 
-    vocab_file = args.vocab_file or default_vocab_file()
-    if vocab_file is None:
-        print(
-            "error: no vocabulary found: pass --vocab-file bee.txt (the CPM-Bee vocabulary; it ships in the "
-            "original VisCPM package as VisCPM/cpm_tokenizers/vocabs/bee.txt)",
-            file=sys.stderr,
-        )
-        return 1
-
-    try:
-        output = convert_cpmbee_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            config=args.config,
-            vocab_file=vocab_file,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # disk full, permission denied, ... while writing
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("error: out of memory while converting; free memory or use a machine with more", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    print(f"wrote {output}")
-    return 0
-
+    return run_converter(
+        convert_cpmbee_checkpoint,
+        vocab_file=args.vocab_file,
+        checkpoint=args.checkpoint,
+        output_dir=args.output_dir,
+        config=args.config,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

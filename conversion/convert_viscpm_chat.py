@@ -20,7 +20,6 @@ Exit status: 0 on success, 1 on a conversion error (one line on stderr), 2 on a 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -57,55 +56,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        from viscpm.convert import ConversionError, default_vocab_file
+        from viscpm.convert import run_converter
         from viscpm.convert_chat import convert_viscpm_chat_checkpoint
     except ImportError as error:
         print(f"error: cannot import viscpm ({error}); run `pip install -e .` in the repository", file=sys.stderr)
         return 1
 
-    vocab_file = args.vocab_file or default_vocab_file()
-    if vocab_file is None:
-        print(
-            "error: no vocabulary found: pass --vocab-file bee.txt (the CPM-Bee vocabulary; it ships in the "
-            "original VisCPM package as VisCPM/cpm_tokenizers/vocabs/bee.txt)",
-            file=sys.stderr,
-        )
-        return 1
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.getLogger("viscpm.convert_chat")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        output = convert_viscpm_chat_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            llm_config=args.llm_config,
-            vision_config=args.vision_config,
-            query_num=args.query_num,
-            vocab_file=vocab_file,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # disk full, permission denied, ... while writing
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("error: out of memory while converting; free memory or use a machine with more", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    finally:
-        log.removeHandler(handler)
-    print(f"wrote {output}")
-    return 0
-
+    return run_converter(
+        convert_viscpm_chat_checkpoint,
+        vocab_file=args.vocab_file,
+        log_to_stderr="viscpm.convert_chat",
+        checkpoint=args.checkpoint,
+        output_dir=args.output_dir,
+        llm_config=args.llm_config,
+        vision_config=args.vision_config,
+        query_num=args.query_num,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

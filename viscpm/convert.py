@@ -26,10 +26,12 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = [
     "CPMBEE_KEYS",
     "ConversionError",
     "KeyMap",
+    "run_converter",
     "atomic_output_dir",
     "build_meta_model",
     "check_output_dir",
@@ -799,3 +802,43 @@ def convert_cpmbee_checkpoint(
             progress=progress,
         )
     return Path(output_dir)
+
+
+def run_converter(convert: Callable[..., Path], *, vocab_file: str | None, log_to_stderr: str | None = None,
+                  **kwargs) -> int:
+    """Run ``convert(vocab_file=..., **kwargs)`` for a command-line script and return its exit status.
+
+    Every failure is one line on stderr with status 1 (130 when interrupted), never a traceback; without
+    ``vocab_file`` the vocabulary of the installed original package is used. ``log_to_stderr`` names a logger
+    whose INFO messages (e.g. which keys were dropped) the user should see.
+    """
+    vocab_file = vocab_file or default_vocab_file()
+    if vocab_file is None:
+        print(
+            "error: no vocabulary found: pass --vocab-file bee.txt (the CPM-Bee vocabulary; it ships in the "
+            "original VisCPM package as VisCPM/cpm_tokenizers/vocabs/bee.txt)",
+            file=sys.stderr,
+        )
+        return 1
+    handler = None
+    if log_to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger(log_to_stderr).addHandler(handler)
+        logging.getLogger(log_to_stderr).setLevel(logging.INFO)
+    try:
+        output = convert(vocab_file=vocab_file, **kwargs)
+    except (ConversionError, OSError) as error:  # OSError: disk full, permission denied, ... while writing
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory while converting; free memory or use a machine with more", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        if handler is not None:
+            logging.getLogger(log_to_stderr).removeHandler(handler)
+    print(f"wrote {output}")
+    return 0
