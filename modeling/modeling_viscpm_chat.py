@@ -641,6 +641,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                                            **model_kwargs)
         logits_processor = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask, unk_allowed)
         config.original_beam_search = False
+        if config.num_beams == 1:
+            config.length_penalty = 1.0  # only beam search reads it
         return super().generate(inputs, generation_config=config, logits_processor=logits_processor,
                                 **model_kwargs)
 
