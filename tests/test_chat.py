@@ -142,3 +142,23 @@ def test_image_safety_checker_flag(chat, tmp_path, caplog, flag_everything):
     assert response.nsfw_detected is flag_everything
     assert ("flagged" in caplog.text) is flag_everything
     assert VisCPMChat.from_pretrained(folder, device="cpu").chat(_image(8), "hi", max_new_tokens=2).nsfw_detected is None
+
+
+def test_streaming_with_transformers_loop(viscpm_chat):
+    """Tokens stream through `TextIteratorStreamer` with transformers' greedy loop; the original beam search
+    cannot stream and says so."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    image, question = _image(9), "这是什么？"
+    greedy = dict(num_beams=1, original_beam_search=False, max_new_tokens=6)
+    expected = viscpm_chat.chat(image, question, **greedy).answer
+    streamer = TextIteratorStreamer(viscpm_chat.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = Thread(target=viscpm_chat.chat, args=(image, question), kwargs=dict(streamer=streamer, **greedy))
+    worker.start()
+    pieces = list(streamer)
+    worker.join()
+    assert len(pieces) > 1 and "".join(pieces) == expected
+    with pytest.raises(ValueError, match="original_beam_search=False"):
+        viscpm_chat.chat(image, question, streamer=TextIteratorStreamer(viscpm_chat.processor.tokenizer))
