@@ -359,3 +359,34 @@ def test_repetition_penalty_processor_matches_original():
     processor = CpmBeeRepetitionPenaltyLogitsProcessor(1.3, prompt_length, vocab, ext_table_ids)
     assert torch.equal(processor(raw, scores.clone()), expected)
     assert not torch.equal(expected, scores)
+
+
+def test_loading_does_not_hold_a_second_copy(tmp_path):
+    """`from_pretrained` builds the model without random weights and maps the safetensors file: the peak
+    memory added by loading stays near one copy of the weights (a 10B model must fit in RAM once)."""
+    import subprocess
+    import sys
+
+    config = viscpm.CpmBeeConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64,
+                                 intermediate_size=1024)
+    model = CpmBeeForCausalLM(config)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    del model
+    script = (
+        "import sys, torch, viscpm\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "def kib(field):\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])\n"
+        "before = kib('VmRSS:')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # restart the peak (VmHWM) from here\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map='cpu')\n"
+        "logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits\n"
+        "print((kib('VmHWM:') - before) * 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    added = int(result.stdout.strip().splitlines()[-1])
+    assert size > 100 * 2**20
+    assert added < 1.5 * size, f"loading {size / 2**20:.0f} MiB of weights added {added / 2**20:.0f} MiB"
