@@ -47,6 +47,7 @@ __all__ = [
     "CPMBEE_KEYS",
     "ConversionError",
     "KeyMap",
+    "load_config",
     "run_converter",
     "atomic_output_dir",
     "build_meta_model",
@@ -651,42 +652,48 @@ def default_vocab_file() -> str | None:
     return None
 
 
-def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None = None) -> CpmBeeConfig:
-    """A :class:`CpmBeeConfig` from: nothing (the 10B model), a config, a dict, or a JSON file.
+def load_config(config_class, config, what: str, expected: str):
+    """``config_class`` from: nothing (its defaults, the released model), an instance, a dict, or a JSON file.
 
-    A dict or file may be the original config (``dim_model``, ``num_layers``, ``half``...) or one of
-    ours (a ``config.json`` with ``"model_type": "cpmbee"``).
+    A dict or file holds the original's keys (read by ``config_class.from_original``) or is one of ours (with its
+    ``model_type``). ``what`` names the config in errors and ``expected`` says what the file should hold.
 
     Raises:
-        ConversionError: the file is missing or not JSON, or the content is not a CPM-Bee config.
+        ConversionError: the file is missing or not JSON, or the content does not fit ``config_class``.
     """
     if config is None:
-        return CpmBeeConfig()
-    if isinstance(config, CpmBeeConfig):
+        return config_class()
+    if isinstance(config, config_class):
         return config
-    source = "config"
+    source = what
     if not isinstance(config, Mapping):
         path = Path(config)
         source = str(path)
         if not path.is_file():
-            what = "is a directory" if path.is_dir() else "not found"
-            raise ConversionError(f"config {path} {what}; pass the original CPM-Bee config JSON file")
+            state = "is a directory" if path.is_dir() else "not found"
+            raise ConversionError(f"{what} {path} {state}; pass {expected}")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            raise ConversionError(f"config {path} is not a text file; pass the original config JSON") from None
+            raise ConversionError(f"{what} {path} is not a text file; pass {expected}") from None
         except json.JSONDecodeError as error:
-            raise ConversionError(f"config {path} is not valid JSON ({error})") from None
+            raise ConversionError(f"{what} {path} is not valid JSON ({error})") from None
         if not isinstance(config, dict):
-            raise ConversionError(f"config {path} holds a JSON {type(config).__name__}, not an object")
+            raise ConversionError(f"{what} {path} holds a JSON {type(config).__name__}, not an object")
     try:
         if "model_type" in config:
-            if config["model_type"] != CpmBeeConfig.model_type:
-                raise ValueError(f"model_type is {config['model_type']!r}, not {CpmBeeConfig.model_type!r}")
-            return CpmBeeConfig.from_dict(dict(config))
-        return CpmBeeConfig.from_original(dict(config))
+            if config["model_type"] != config_class.model_type:
+                raise ValueError(f"model_type is {config['model_type']!r}, not {config_class.model_type!r}")
+            return config_class.from_dict(dict(config))
+        return config_class.from_original(dict(config))
     except (TypeError, ValueError) as error:
         raise ConversionError(f"{source}: {_first_line(error)}") from None
+
+
+def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None = None) -> CpmBeeConfig:
+    """A :class:`CpmBeeConfig` (see :func:`load_config`): nothing is the 10B model; a dict or file may be the
+    original config (``dim_model``, ``num_layers``, ``half``...) or one of ours (``"model_type": "cpmbee"``)."""
+    return load_config(CpmBeeConfig, config, "config", "the original CPM-Bee config JSON file")
 
 
 def _load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:

@@ -20,7 +20,6 @@ those of :mod:`viscpm.convert` (``weights_only``, memory-mapped, atomic output, 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .convert import (
+    load_config,
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
     KeyMap,
@@ -171,41 +171,9 @@ def convert_chat_state_dict(
 
 
 def load_vision_config(config: VisCPMVisionConfig | str | os.PathLike | Mapping | None = None) -> VisCPMVisionConfig:
-    """A `VisCPMVisionConfig` from: nothing (BEiT-3 large 224/16), a config, a dict, or a JSON file.
-
-    A dict or file holds torchscale `EncoderConfig` keys (``encoder_embed_dim``, ``encoder_layers``, ...) or is
-    one of ours (``"model_type": "viscpm_vision"``).
-
-    Raises:
-        ConversionError: the file is missing or not JSON, or the content is not a BEiT-3 config.
-    """
-    if config is None:
-        return VisCPMVisionConfig()
-    if isinstance(config, VisCPMVisionConfig):
-        return config
-    source = "vision config"
-    if not isinstance(config, Mapping):
-        path = Path(config)
-        source = str(path)
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "not found"
-            raise ConversionError(f"vision config {path} {what}; pass a JSON file of torchscale EncoderConfig keys")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConversionError(f"vision config {path} is not a text file; pass a JSON file") from None
-        except json.JSONDecodeError as error:
-            raise ConversionError(f"vision config {path} is not valid JSON ({error})") from None
-        if not isinstance(config, dict):
-            raise ConversionError(f"vision config {path} holds a JSON {type(config).__name__}, not an object")
-    try:
-        if "model_type" in config:
-            if config["model_type"] != VisCPMVisionConfig.model_type:
-                raise ValueError(f"model_type is {config['model_type']!r}, not {VisCPMVisionConfig.model_type!r}")
-            return VisCPMVisionConfig.from_dict(dict(config))
-        return VisCPMVisionConfig.from_original(dict(config))
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"{source}: {_first_line(error)}") from None
+    """A `VisCPMVisionConfig` (see `load_config`): nothing is BEiT-3 large 224/16; a dict or file holds torchscale
+    `EncoderConfig` keys (``encoder_embed_dim``, ``encoder_layers``, ...) or is ours (``"model_type": "viscpm_vision"``)."""
+    return load_config(VisCPMVisionConfig, config, "vision config", "a JSON file of torchscale EncoderConfig keys")
 
 
 def build_chat_config(llm_config=None, vision_config=None, query_num: int | None = None) -> VisCPMChatConfig:
