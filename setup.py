@@ -15,8 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["viscpm", "viscpm.modeling"],
-    package_dir={"viscpm": "viscpm", "viscpm.modeling": "modeling"},
+    packages=["viscpm", "viscpm.modeling", "viscpm.conversion"],
+    package_dir={"viscpm": "viscpm", "viscpm.modeling": "modeling", "viscpm.conversion": "conversion"},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",
@@ -28,8 +28,11 @@ setup(
         "accelerate>=1.0",
         "pillow>=10.0",
         "tqdm",
+        "filelock",
     ],
     extras_require={
+        # `viscpm serve`: the web app.
+        "web": ["gradio>=6,<7"],
         # The original implementation is the test oracle. Its packages (VisCPM==0.0.1.dev0,
         # torchscale==0.3.0, fairscale==0.4.0) declare pins on old releases, so they are NOT listed
         # here: .ci/run installs them with `pip install --no-deps`. What they import is listed here.
@@ -39,7 +42,11 @@ setup(
             "opencv-python-headless",
             "torchvision",
             "setuptools<81",
+            # the web app's tests: its HTTP API and a headless browser (Debian's chromium, see .ci/run)
+            "gradio>=6,<7",
+            "gradio_client>=2",
+            "playwright>=1.50",
         ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["viscpm=viscpm.cli:main"]},
 )

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .modeling.tokenization_cpmbee import CpmBeeTokenizer
+from .original_format import resolve_original_format
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class VisCPMChat:
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
         image_safety_checker: bool | str | os.PathLike | None = None,
+        variant: str | None = None,
+        adapter: str | os.PathLike | list | dict | None = None,
         **kwargs,
     ) -> "VisCPMChat":
         """Load a converted folder (see ``conversion/convert_viscpm_chat.py``) or a Hub repo in that format.
@@ -71,7 +74,14 @@ class VisCPMChat:
             image_safety_checker: ``True`` for the original's checker (``CompVis/stable-diffusion-safety-checker``
                 with the ``openai/clip-vit-base-patch32`` image processor), or a repo id / folder holding a
                 ``StableDiffusionSafetyChecker`` (and, optionally, its CLIP image processor); off by default.
+            variant: for an original-format repo, folder or ``.pt`` (``openbmb/VisCPM-Chat``: ``"v1.1"``,
+                ``"balance"``, ``"zhplus"``), which checkpoint to fetch and convert once into a cache folder (see
+                `viscpm.original_format`); for a converted one, transformers' weights variant.
+            adapter: a language adapter (peft folder or Hub repo), a list of them or a ``{name: path}`` dict; the
+                model becomes a `peft.PeftModel` with the first one active (``chat.model.set_adapter(name)``
+                switches, see `viscpm.adapters.load_language_adapters`).
         """
+        pretrained_model_name_or_path = resolve_original_format(pretrained_model_name_or_path, "chat", variant, kwargs)
         load_kwargs = dict(kwargs)
         if dtype is not None:
             load_kwargs["dtype"] = dtype
@@ -80,6 +90,10 @@ class VisCPMChat:
         model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **load_kwargs)
         if device_map is None:
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if adapter is not None:
+            from .adapters import load_language_adapters
+
+            model = load_language_adapters(model, adapter)
         processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path)
         checker, extractor = _load_safety_checker(image_safety_checker, model.device)
         return cls(model, processor, checker, extractor)

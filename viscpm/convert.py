@@ -84,7 +84,7 @@ class ConversionError(Exception):
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
 _PICKLE_PROTO = b"\x80"  # the legacy torch.save format starts with a pickle (protocol >= 2)
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 def _first_line(error: BaseException) -> str:

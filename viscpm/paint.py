@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 
 from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+from .original_format import resolve_original_format
 
 __all__ = ["VisCPMPaint", "grid_image"]
 
@@ -58,6 +59,8 @@ class VisCPMPaint:
         add_ranker: bool = True,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        variant: str | None = None,
+        adapter: str | os.PathLike | None = None,
         **kwargs,
     ) -> VisCPMPaint:
         """Load a converted VisCPM-Paint folder.
@@ -68,8 +71,14 @@ class VisCPMPaint:
                 When off, the part is dropped even if the folder has it.
             torch_dtype: dtype of the models (default: as stored).
             device: where to run (default: CUDA when available, as the original).
+            adapter: a Paint language adapter folder or Hub repo (``text_encoder/`` and optionally ``unet/`` peft
+                folders, see `viscpm.adapters.save_paint_adapter`), put into the pipeline's models in place.
+            variant: for an original-format repo, folder or ``.pt`` (``openbmb/VisCPM-Paint``: ``"balance"``,
+                ``"zhplus"``), which checkpoint to fetch and convert once into a cache folder (see
+                `viscpm.original_format`); for a converted one, diffusers' weights variant.
             kwargs: passed to `VisCPMPaintPipeline.from_pretrained` (e.g. ``revision``, ``token``).
         """
+        path_or_repo = resolve_original_format(path_or_repo, "paint", variant, kwargs)
         pipe = VisCPMPaintPipeline.from_pretrained(path_or_repo, torch_dtype=torch_dtype, **kwargs)
         parts = {}
         if not image_safety_checker:
@@ -102,6 +111,10 @@ class VisCPMPaint:
             parts.update(ranker=_AutoModel.from_pretrained(RANKER_REPO), ranker_processor=AutoProcessor.from_pretrained(RANKER_REPO))
         if parts:
             pipe.register_modules(**parts)
+        if adapter is not None:
+            from .adapters import load_paint_adapter
+
+            load_paint_adapter(pipe, adapter)
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
