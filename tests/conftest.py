@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,44 @@ def chat(chat_files, vocab_file):
     tokenizer = AutoTokenizer.from_pretrained(root / "hf")
     assert isinstance(model, VisCPMChatForConditionalGeneration)
     return vlu, model, tokenizer, root / "hf"
+
+
+PAINT_SIZE = 16  # image side in the Paint tests; the tiny VAE has a scale factor of 2, so latents are 8x8
+SCHEDULER_CONFIG = dict(  # stabilityai/stable-diffusion-2-1-base's scheduler (a PNDM config there)
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True, clip_sample=False,
+)
+
+
+def tiny_unet():
+    """A tiny random SD UNet (cross-attention width 16) for PAINT_SIZE-pixel images."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=PAINT_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+
+
+def tiny_vae():
+    """A tiny random VAE with a scale factor of 2."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        sample_size=PAINT_SIZE,
+    ).eval()
+
+
+def write_sd_base(folder, unet, vae):
+    """A local stand-in for the SD-2.1-base repo the Paint converter reads: vae/, scheduler/, unet/config.json."""
+    from diffusers import PNDMScheduler
+
+    vae.save_pretrained(folder / "vae")
+    PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    unet.save_config(folder / "unet")
+    return folder

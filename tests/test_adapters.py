@@ -352,13 +352,13 @@ def test_paint_adapter_loss_matches_original_and_goes_down(vocab_file, tmp_path)
 
     from diffusers import DDPMScheduler
     from oracle import build_original_cpmbee, build_original_paint, original_paint_inputs, original_paint_state_dict
-    from test_paint import SCHEDULER_CONFIG, _tiny_unet, _tiny_vae, _write_sd_base
+    from conftest import SCHEDULER_CONFIG, tiny_unet, tiny_vae, write_sd_base
 
     from viscpm import VisCPMPaint, VisCPMPaintPipeline
     from viscpm.convert_paint import convert_viscpm_paint_checkpoint
 
-    unet, vae = _tiny_unet(), _tiny_vae()
-    sd_base = _write_sd_base(tmp_path / "sd-base", unet, vae)
+    unet, vae = tiny_unet(), tiny_vae()
+    sd_base = write_sd_base(tmp_path / "sd-base", unet, vae)
     scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     original = build_original_paint(build_original_cpmbee(seed=0), copy.deepcopy(unet), vae, scheduler)
     checkpoint = tmp_path / "paint.pt"

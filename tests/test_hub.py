@@ -53,13 +53,13 @@ def paint_files(tmp_path_factory, vocab_file):
     """A tiny original VisCPM-Paint checkpoint, its configs and its converted folder (as tests/test_paint.py)."""
     from diffusers import DDPMScheduler
     from oracle import TINY_ORIGINAL_CONFIG, build_original_cpmbee, build_original_paint, original_paint_state_dict
-    from test_paint import _tiny_unet, _tiny_vae, _write_sd_base
+    from conftest import tiny_unet, tiny_vae, write_sd_base
 
     from viscpm.convert_paint import convert_viscpm_paint_checkpoint
 
     root = tmp_path_factory.mktemp("hub-paint")
-    unet, vae = _tiny_unet(), _tiny_vae()
-    sd_base = _write_sd_base(root / "sd-base", unet, vae)
+    unet, vae = tiny_unet(), tiny_vae()
+    sd_base = write_sd_base(root / "sd-base", unet, vae)
     scheduler = DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler")
     original = build_original_paint(build_original_cpmbee(seed=0), unet, vae, scheduler)
     checkpoint = root / "viscpm_paint.pt"

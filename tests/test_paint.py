@@ -6,14 +6,12 @@ our converter (VAE, scheduler and UNet config from a tiny local "SD base" folder
 """
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils.torch_utils import randn_tensor
 from oracle import (
@@ -39,60 +37,22 @@ from transformers import (
 )
 from transformers import pipeline as hf_pipeline
 
+from conftest import PAINT_SIZE as SIZE
+from conftest import load_script, tiny_unet, tiny_vae, write_sd_base
+
 import viscpm  # noqa: F401  (registers the text encoder)
 from viscpm.convert import ConversionError
 from viscpm.convert_paint import convert_viscpm_paint_checkpoint
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
 from viscpm import VisCPMPaint, VisCPMPaintPipeline
 
-def _load_script():
-    """The converter script, loaded from its file (as a user runs it; `conversion/` is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "conversion" / "convert_viscpm_paint.py"
-    spec = importlib.util.spec_from_file_location("convert_viscpm_paint_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_main = _load_script().main
-SIZE = 16  # image side; the tiny VAE has a scale factor of 2, so latents are 8x8
+convert_main = load_script("convert_viscpm_paint").main
 STEPS = 6
 ATOL = 2e-4
 ZH, EN = "一只可爱的橘猫坐在窗台上，阳光明媚", "a red bicycle leaning on a brick wall"
 NEGATIVE = "模糊, low quality, blurry, distorted, ugly, watermark"
 TEXT_KEYS = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
              "ext_table_sub")
-SCHEDULER_CONFIG = dict(  # stabilityai/stable-diffusion-2-1-base's scheduler (a PNDM config there)
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    set_alpha_to_one=False, steps_offset=1, skip_prk_steps=True, clip_sample=False,
-)
-
-
-def _tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    ).eval()
-
-
-def _tiny_vae():
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        sample_size=SIZE,
-    ).eval()
-
-
-def _write_sd_base(folder, unet, vae):
-    vae.save_pretrained(folder / "vae")
-    PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
-    unet.save_config(folder / "unet")
-    return folder
-
-
 def _bert_vocab(folder):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", *ZH, *"模糊猫狗", "red",
              "bicycle", "cat", "the", "a", ","]
@@ -105,8 +65,8 @@ def _bert_vocab(folder):
 def paint(tmp_path_factory, vocab_file):
     """The original Paint, our converted folder and the pipeline loaded from it (no optional parts)."""
     root = tmp_path_factory.mktemp("paint")
-    unet, vae = _tiny_unet(), _tiny_vae()
-    sd_base = _write_sd_base(root / "sd-base", unet, vae)
+    unet, vae = tiny_unet(), tiny_vae()
+    sd_base = write_sd_base(root / "sd-base", unet, vae)
     scheduler = DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler")  # as the original loads it
     original = build_original_paint(build_original_cpmbee(seed=0), unet, vae, scheduler)
     checkpoint = root / "viscpm_paint_checkpoint.pt"
@@ -527,9 +487,9 @@ def test_converter_errors(paint, tmp_path, capsys):
     assert convert_main(argv) == 1
     assert "--llm-config" in capsys.readouterr().err
     # An SD base whose UNet config does not fit the checkpoint's UNet.
-    other = _tiny_unet()
+    other = tiny_unet()
     bigger = UNet2DConditionModel.from_config({**other.config, "block_out_channels": (8, 24)})
-    _write_sd_base(tmp_path / "other-base", bigger, _tiny_vae())
+    write_sd_base(tmp_path / "other-base", bigger, tiny_vae())
     assert _convert_main(paint, tmp_path, sd_base=tmp_path / "other-base") == 1
     err = capsys.readouterr().err
     assert "unet." in err and "--sd-base" in err
