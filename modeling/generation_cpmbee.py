@@ -159,6 +159,8 @@ def cpmbee_beam_search(
     """
     if repetition_penalty < 1.0:
         raise ValueError(f"repetition_penalty must be >= 1, got {repetition_penalty}")
+    if beam_size < 1 or max_length < 1:
+        raise ValueError(f"beam_size and max_length must be at least 1, got {beam_size} and {max_length}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     config = model.config

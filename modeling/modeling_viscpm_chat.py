@@ -15,6 +15,7 @@ The vision states are computed once per prompt (the prefill step) and can be han
 
 from collections.abc import Callable
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -651,6 +652,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         input_ids = inputs if input_ids is None else input_ids
         if input_ids is None:
             raise ValueError("the original beam search needs `input_ids` (the processor's output)")
+        known = set(inspect.signature(self.cpmbee_beam_search).parameters) | {"use_cache"}
+        unknown = sorted(set(model_kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"generate() got arguments the original beam search does not use: {unknown}; pass "
+                "original_beam_search=False for transformers' decoding loop"
+            )
         answers, vision_hidden_states = self.cpmbee_beam_search(
             input_ids, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
             beam_size=config.num_beams, max_length=config.max_new_tokens,

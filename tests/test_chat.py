@@ -107,6 +107,12 @@ def test_bad_inputs_are_clear_errors(viscpm_chat, tmp_path):
         viscpm_chat.chat(_image(7), None)
     with pytest.raises(ValueError, match="one of each"):
         viscpm_chat.batch_chat([_image(7)], ["a", "b"])
+    with pytest.raises(ValueError, match="no image"):
+        viscpm_chat.chat(None, "what is it?")
+    with pytest.raises(ValueError, match="at least 1"):
+        viscpm_chat.chat(_image(7), "what is it?", num_beams=0)
+    with pytest.raises(ValueError, match="does not use"):
+        viscpm_chat.chat(_image(7), "what is it?", num_beam=2)  # a typo is not silently ignored
     for image in (Image.new("L", (1, 1)), Image.new("RGBA", (5, 9)), Image.new("P", (30, 30))):
         assert isinstance(viscpm_chat.chat(image, "what is it?", max_new_tokens=2).answer, str)
 

@@ -145,6 +145,9 @@ class VisCPMChat:
 
         pixel_values = None
         if vision_hidden_states is None:
+            if any(image is None for image in images):
+                raise ValueError("no image: pass one (PIL image, array, tensor or file path), or the "
+                                 "vision_hidden_states of an earlier turn about it")
             pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         flags = self._check_images(images) if self.image_safety_checker is not None else [None] * len(images)
 
