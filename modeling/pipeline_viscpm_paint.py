@@ -365,6 +365,8 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           num_images_per_prompt, callback_on_step_end_tensor_inputs)
+        if num_inference_steps is None or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
 
         self._guidance_scale = guidance_scale
         self._interrupt = False
