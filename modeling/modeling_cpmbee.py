@@ -286,20 +286,24 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         self.embed_tokens = value
 
     def resolve_ext_ids(
-        self, input_ids: torch.Tensor, ext_table_ids: torch.Tensor | None, ext_table_sub: torch.Tensor | None
+        self, input_ids: torch.Tensor, ext_table_ids: torch.Tensor | None, ext_table_sub: torch.Tensor | None,
+        validate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map raw ids (ids >= vocab_size index the ext table) to (base id, sub index) pairs."""
+        """Map raw ids (ids >= vocab_size index the ext table) to (base id, sub index) pairs.
+
+        ``validate`` checks the ids against the table (a host sync); decode steps skip it, since a generated id
+        is a column of the logits and so always in the table."""
         vocab_size = self.config.vocab_size
         is_ext = input_ids >= vocab_size
         if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
-            if bool(is_ext.any()):
+            if validate and bool(is_ext.any()):
                 raise ValueError(
                     f"input_ids contain ids >= vocab_size ({vocab_size}) but no ext table was given: pass the "
                     "`ext_table_ids` and `ext_table_sub` that CpmBeeTokenizer returned with these ids"
                 )
             return input_ids, torch.zeros_like(input_ids)
         index = (input_ids - vocab_size).clamp(min=0)
-        if bool((index[is_ext] >= ext_table_ids.shape[-1]).any()):
+        if validate and bool((index[is_ext] >= ext_table_ids.shape[-1]).any()):
             raise ValueError(
                 f"input_ids refer to ext-table entries beyond its size {ext_table_ids.shape[-1]}: the ids and the "
                 "ext table come from different tokenizer calls"
@@ -310,8 +314,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         sub = torch.where(is_ext, torch.gather(ext_sub, 1, index), torch.zeros_like(input_ids))
         return base, sub
 
-    def embed(self, input_ids, ext_table_ids=None, ext_table_sub=None) -> torch.Tensor:
-        base, sub = self.resolve_ext_ids(input_ids, ext_table_ids, ext_table_sub)
+    def embed(self, input_ids, ext_table_ids=None, ext_table_sub=None, validate: bool = True) -> torch.Tensor:
+        base, sub = self.resolve_ext_ids(input_ids, ext_table_ids, ext_table_sub, validate)
         return self.embed_tokens(base, sub)
 
     def ext_embeddings(self, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor) -> torch.Tensor:
@@ -342,7 +346,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         else:
             segment_rel = segment_rel.to(device)
             num_segments = segment_rel.shape[-1]
-            if int(segment_ids.max()) >= num_segments:
+            # Checked on the prompt (a host sync); later tokens continue a segment of the prompt.
+            if past_len == 0 and int(segment_ids.max()) >= num_segments:
                 raise ValueError(
                     f"segment_ids go up to {int(segment_ids.max())} but segment_rel covers {num_segments} segments"
                 )
@@ -397,10 +402,10 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         elif cache is None:
             cache = DynamicCache(config=self.config)
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, ext_table_ids, ext_table_sub)
-        batch, q_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, ext_table_ids, ext_table_sub, validate=past_len == 0)
+        batch, q_len = inputs_embeds.shape[:2]
 
         position_bias, visible = self._attention_inputs(
             batch, q_len, past_len, segment_ids, context_mask, attention_mask, segment_rel,
