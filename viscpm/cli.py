@@ -28,6 +28,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .convert import first_line
+
 __all__ = ["CLIError", "ChatSession", "build_parser", "decoding_options", "load_chat", "load_image", "load_paint",
            "main", "paint_images"]
 
@@ -53,11 +55,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +151,7 @@ def load_image(path: str | os.PathLike):
     except PIL.UnidentifiedImageError:
         raise CLIError(f"{path} is not an image PIL can read; pass a PNG, JPEG, WebP, ... file") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt image data
-        raise CLIError(f"cannot read image {path} ({_first_line(error)}); the file may be truncated") from None
+        raise CLIError(f"cannot read image {path} ({first_line(error)}); the file may be truncated") from None
 
 
 def load_chat(path: str, dtype: str | None = None, device: str | None = None, variant: str | None = None,
@@ -181,7 +178,7 @@ def load_chat(path: str, dtype: str | None = None, device: str | None = None, va
     except CLIError:
         raise
     except Exception as error:
-        raise CLIError(f"cannot load VisCPM-Chat from {path}: {_first_line(error)[:300]} (is the folder complete? "
+        raise CLIError(f"cannot load VisCPM-Chat from {path}: {first_line(error)[:300]} (is the folder complete? "
                        "convert it again with `viscpm convert chat`)") from error
     return chat
 
@@ -204,7 +201,7 @@ def load_paint(path: str, dtype: str | None = None, device: str | None = None, p
             source = resolve_original_format(source, "paint", variant, kwargs)
         pipe = VisCPMPaintPipeline.from_pretrained(source, torch_dtype=_dtype(dtype), **kwargs).to(torch_device)
     except Exception as error:
-        raise CLIError(f"cannot load VisCPM-Paint from {path}: {_first_line(error)[:300]} (is the folder complete? "
+        raise CLIError(f"cannot load VisCPM-Paint from {path}: {first_line(error)[:300]} (is the folder complete? "
                        "convert it again with `viscpm convert paint`)") from error
     pipe.set_progress_bar_config(desc="painting", disable=not progress)
     return pipe
@@ -430,7 +427,7 @@ def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: i
                       guidance_scale=guidance_scale, height=size, width=size, num_images_per_prompt=num_images,
                       generator=generator, output_type="pil")
     except ValueError as error:  # sizes and other values the pipeline refuses
-        raise CLIError(_first_line(error)) from None
+        raise CLIError(first_line(error)) from None
     if any(output.prompt_refused or []):
         raise CLIError("the prompt checker refused this prompt; rephrase it")
     flagged = output.nsfw_content_detected or [False] * len(output.images)
@@ -778,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
             return EXIT_ERROR
-        print(f"error: {type(error).__name__}: {_first_line(error)[:500]} (run again with --debug for the "
+        print(f"error: {type(error).__name__}: {first_line(error)[:500]} (run again with --debug for the "
               "traceback)", file=sys.stderr)
         return EXIT_ERROR
 

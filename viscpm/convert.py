@@ -47,7 +47,11 @@ __all__ = [
     "CPMBEE_KEYS",
     "ConversionError",
     "KeyMap",
+    "cpmbee_original_name",
+    "first_line",
     "load_config",
+    "load_tokenizer",
+    "shorten",
     "run_converter",
     "atomic_output_dir",
     "build_meta_model",
@@ -87,7 +91,7 @@ _PICKLE_PROTO = b"\x80"  # the legacy torch.save format starts with a pickle (pr
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # torch colours some of its messages
     return text.splitlines()[0].strip() if text else type(error).__name__
@@ -165,12 +169,12 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
                 "with torch.save(state_dict, ...) and convert that"
             ) from None
         raise ConversionError(
-            f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); download or copy it again"
+            f"{path} is corrupt or not a PyTorch checkpoint ({first_line(error)}); download or copy it again"
         ) from None
     except MemoryError:
         raise
     except Exception as error:  # torch reports damaged archives as RuntimeError, EOFError, ...
-        detail = _first_line(error)
+        detail = first_line(error)
         if "central directory" in detail or "zip archive" in detail or isinstance(error, EOFError):
             what = "truncated or corrupt"
         else:
@@ -210,7 +214,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
     ]
     if bad:
         raise ConversionError(
-            f"{source} is not a plain state dict: {len(bad)} entries are not tensors: {_shorten(bad)}"
+            f"{source} is not a plain state dict: {len(bad)} entries are not tensors: {shorten(bad)}"
         )
     return dict(obj)
 
@@ -308,7 +312,7 @@ def detect_prefix(keys: Iterable[str], anchor: str = CPMBEE_ANCHOR_KEY, source: 
     prefixes = sorted({key[: -len(anchor)] for key in keys if key == anchor or key.endswith("." + anchor)}, key=len)
     if not prefixes:
         raise ConversionError(
-            f"{source} holds no CPM-Bee weights (no key ending in {anchor!r}; it has e.g. {_shorten(keys, 3)})"
+            f"{source} holds no CPM-Bee weights (no key ending in {anchor!r}; it has e.g. {shorten(keys, 3)})"
         )
     return prefixes[0]
 
@@ -333,7 +337,7 @@ def convert_cpmbee_state_dict(
     return converted, unmapped
 
 
-def _cpmbee_original_name(hf_key: str, prefix: str, hf_prefix: str) -> str:
+def cpmbee_original_name(hf_key: str, prefix: str, hf_prefix: str) -> str:
     if hf_key.startswith(hf_prefix):
         original = CPMBEE_KEYS.to_original(hf_key[len(hf_prefix):])
         if original is not None:
@@ -360,7 +364,7 @@ def expected_parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ..
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
-def _shorten(items: list, limit: int = 5) -> str:
+def shorten(items: list, limit: int = 5) -> str:
     items = [str(item) for item in items]
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -402,11 +406,11 @@ def validate_state_dict(
     ]
     problems = []
     if mismatched:
-        problems.append(f"{len(mismatched)} with other shapes ({_shorten(mismatched, 3)})")
+        problems.append(f"{len(mismatched)} with other shapes ({shorten(mismatched, 3)})")
     if missing:
-        problems.append(f"{len(missing)} missing ({_shorten(missing)})")
+        problems.append(f"{len(missing)} missing ({shorten(missing)})")
     if extra:
-        problems.append(f"{len(extra)} unexpected ({_shorten(extra)})")
+        problems.append(f"{len(extra)} unexpected ({shorten(extra)})")
     if problems:
         message = f"{source} does not match the model config" + (f" ({summary})" if summary else "")
         message += ": " + "; ".join(problems)
@@ -687,7 +691,7 @@ def load_config(config_class, config, what: str, expected: str):
             return config_class.from_dict(dict(config))
         return config_class.from_original(dict(config))
     except (TypeError, ValueError) as error:
-        raise ConversionError(f"{source}: {_first_line(error)}") from None
+        raise ConversionError(f"{source}: {first_line(error)}") from None
 
 
 def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None = None) -> CpmBeeConfig:
@@ -696,7 +700,7 @@ def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None
     return load_config(CpmBeeConfig, config, "config", "the original CPM-Bee config JSON file")
 
 
-def _load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
+def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
     path = Path(vocab_file)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "not found"
@@ -704,7 +708,7 @@ def _load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmB
     try:
         tokenizer = CpmBeeTokenizer(str(path))
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConversionError(f"cannot read vocabulary {path}: {_first_line(error)}") from None
+        raise ConversionError(f"cannot read vocabulary {path}: {first_line(error)}") from None
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size != config.vocab_size:
         raise ConversionError(
@@ -772,7 +776,7 @@ def convert_cpmbee_checkpoint(
     cfg = load_cpmbee_config(config)
     target_dtype = parse_dtype(dtype)
     check_output_dir(output_dir, overwrite)
-    tokenizer = _load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
+    tokenizer = load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
 
     source = str(checkpoint)
     original = load_original_checkpoint(checkpoint)
@@ -791,7 +795,7 @@ def convert_cpmbee_checkpoint(
         converted,
         expected_parameter_shapes(model),
         unexpected=unmapped,
-        describe=lambda key: _cpmbee_original_name(key, prefix, "model."),
+        describe=lambda key: cpmbee_original_name(key, prefix, "model."),
         source=source,
         summary=f"the checkpoint has {differences}" if differences else "",
         hint=hint,

@@ -35,10 +35,10 @@ from .convert import (
     ConversionError,
     KeyMap,
     _cpmbee_config_differences,
-    _cpmbee_original_name,
-    _first_line,
-    _load_tokenizer,
-    _shorten,
+    cpmbee_original_name,
+    first_line,
+    load_tokenizer,
+    shorten,
     atomic_output_dir,
     build_meta_model,
     check_output_dir,
@@ -140,7 +140,7 @@ def _original_name(hf_key: str) -> str:
         original = VISION_KEYS.to_original(hf_key[len(_HF_VISION):])
         return hf_key if original is None else _VISION_PREFIX + original
     if hf_key.startswith(_HF_LLM):
-        return _cpmbee_original_name(hf_key, _LLM_PREFIX, _HF_LLM)
+        return cpmbee_original_name(hf_key, _LLM_PREFIX, _HF_LLM)
     return hf_key
 
 
@@ -186,7 +186,7 @@ def build_chat_config(llm_config=None, vision_config=None, query_num: int | None
             vision_config=vision, text_config=text, query_num=64 if query_num is None else query_num
         )
     except ValueError as error:
-        raise ConversionError(_first_line(error)) from None
+        raise ConversionError(first_line(error)) from None
 
 
 def _chat_config_differences(converted: Mapping[str, torch.Tensor], config: VisCPMChatConfig) -> str:
@@ -243,7 +243,7 @@ def _refuse_other_kinds(keys: list[str], source: str) -> None:
             )
         raise ConversionError(
             f"{source} is not a VisCPM-Chat checkpoint (no vpm.*, query, mapping.* or llm.* weights; it has e.g. "
-            f"{_shorten(keys, 3)})"
+            f"{shorten(keys, 3)})"
         )
 
 
@@ -287,7 +287,7 @@ def convert_viscpm_chat_checkpoint(
         image_size = config.vision_config.image_size
         processor = VisCPMChatProcessor(
             VisCPMImageProcessor(size={"height": image_size, "width": image_size}),
-            _load_tokenizer(vocab_file, config.text_config),
+            load_tokenizer(vocab_file, config.text_config),
             query_num=config.query_num,
         )
 
@@ -299,7 +299,7 @@ def convert_viscpm_chat_checkpoint(
     if prefix:
         outside = [key for key in keys if not key.startswith(prefix)]
         if outside:
-            raise ConversionError(f"{source} mixes keys under {prefix!r} with others, e.g. {_shorten(outside, 3)}")
+            raise ConversionError(f"{source} mixes keys under {prefix!r} with others, e.g. {shorten(outside, 3)}")
         original = {key[len(prefix):]: tensor for key, tensor in original.items()}
     converted, unmapped, dropped = convert_chat_state_dict(original)
 

@@ -27,10 +27,10 @@ import torch
 from .convert import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
-    _cpmbee_original_name,
-    _first_line,
-    _load_tokenizer,
-    _shorten,
+    cpmbee_original_name,
+    first_line,
+    load_tokenizer,
+    shorten,
     atomic_output_dir,
     build_meta_model,
     check_output_dir,
@@ -86,7 +86,7 @@ def convert_paint_state_dict(
     chat = [key for key in state_dict if _is_chat_key(key)]
     if chat:
         raise ConversionError(
-            f"{source} is a VisCPM-Chat checkpoint (it has {_shorten(chat, 3)}), not a VisCPM-Paint one; "
+            f"{source} is a VisCPM-Chat checkpoint (it has {shorten(chat, 3)}), not a VisCPM-Paint one; "
             "convert it with the Chat converter, or pass viscpm_paint_*_checkpoint.pt here"
         )
     llm = {key: value for key, value in state_dict.items() if key.startswith("llm.")}
@@ -109,7 +109,7 @@ def convert_paint_state_dict(
     if absent:
         raise ConversionError(
             f"{source} is not a VisCPM-Paint checkpoint: it has no {' and no '.join(absent)} weights "
-            f"(it has e.g. {_shorten(list(state_dict), 3)})"
+            f"(it has e.g. {shorten(list(state_dict), 3)})"
         )
     return text_encoder, unet, unexpected
 
@@ -118,7 +118,7 @@ def _original_name(key: str) -> str:
     for original, ours in PAINT_BRIDGE_KEYS.items():
         if key == ours:
             return original
-    return _cpmbee_original_name(key, "llm.", "model.")
+    return cpmbee_original_name(key, "llm.", "model.")
 
 
 def load_sd_base(sd_base: str | os.PathLike = DEFAULT_SD_BASE):
@@ -148,7 +148,7 @@ def load_sd_base(sd_base: str | os.PathLike = DEFAULT_SD_BASE):
         try:
             return fn()
         except Exception as error:  # diffusers reports missing files / offline Hub / bad JSON in many ways
-            raise ConversionError(f"cannot load the {what} from --sd-base {sd_base}: {_first_line(error)[:300]}") from None
+            raise ConversionError(f"cannot load the {what} from --sd-base {sd_base}: {first_line(error)[:300]}") from None
 
     vae = load("VAE", lambda: AutoencoderKL.from_pretrained(sd_base, subfolder="vae"))
     scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler"))
@@ -211,7 +211,7 @@ def convert_viscpm_paint_checkpoint(
     text_config = load_cpmbee_config(llm_config)
     target_dtype = parse_dtype(dtype)
     check_output_dir(output_dir, overwrite)
-    tokenizer = _load_tokenizer(vocab_file, text_config)
+    tokenizer = load_tokenizer(vocab_file, text_config)
     vae, scheduler, unet_config = load_sd_base(sd_base)
 
     source = str(checkpoint)
@@ -240,7 +240,7 @@ def convert_viscpm_paint_checkpoint(
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
     except Exception as error:
-        raise ConversionError(f"the UNet config from --sd-base {sd_base} is invalid: {_first_line(error)}") from None
+        raise ConversionError(f"the UNet config from --sd-base {sd_base} is invalid: {first_line(error)}") from None
     validate_state_dict(
         unet_state,
         expected_parameter_shapes(unet),
