@@ -173,18 +173,7 @@ def original_paint_inputs(prompts, negative_prompts):
     tokenizer = OriginalTokenizer()
 
     def item(text):
-        ids, subs, context, segments, rel, n_segments, _, _ = convert_data_to_id(
-            tokenizer, {"caption": text, "objects": ""}, shuffle_answer=False, max_depth=8
-        )
-        return {
-            "input_ids": torch.from_numpy(ids)[None], "input_id_subs": torch.from_numpy(subs)[None],
-            "context": torch.from_numpy(context)[None], "segment_ids": torch.from_numpy(segments)[None],
-            "segment_rel_offset": torch.zeros(1, len(ids), dtype=torch.int32),
-            "segment_rel": torch.from_numpy(rel)[None],
-            "sample_ids": torch.zeros(1, len(ids), dtype=torch.int32),
-            "num_segments": torch.full((1, len(ids)), n_segments, dtype=torch.int32),
-            "raw_data": [text],
-        }
+        return original_collater_item(tokenizer, {"caption": text, "objects": ""}, raw_data=text)
 
     cond = [item(text) for text in prompts]
     uncond = [item(text) for text in negative_prompts]
@@ -340,3 +329,21 @@ def original_chat_inputs(images, questions, contexts=None, query_num=64, max_inp
     transform = build_transform(is_train=False)
     pixel_values = torch.stack([transform(image) for image in images]) if images is not None else None
     return datas, model_inputs, info, pixel_values, bounds
+
+
+def original_collater_item(tokenizer, data, raw_data=None):
+    """One sample as the original's `CPMBeeCollater` takes it (from `convert_data_to_id`, answers not shuffled)."""
+    import copy
+
+    ids, subs, context, segments, rel, n_segments, _, _ = convert_data_to_id(
+        tokenizer, copy.deepcopy(data), shuffle_answer=False, max_depth=8
+    )
+    return {
+        "input_ids": torch.from_numpy(ids)[None], "input_id_subs": torch.from_numpy(subs)[None],
+        "context": torch.from_numpy(context)[None], "segment_ids": torch.from_numpy(segments)[None],
+        "segment_rel_offset": torch.zeros(1, len(ids), dtype=torch.int32),
+        "segment_rel": torch.from_numpy(rel)[None],
+        "sample_ids": torch.zeros(1, len(ids), dtype=torch.int32),
+        "num_segments": torch.full((1, len(ids)), n_segments, dtype=torch.int32),
+        "raw_data": [data if raw_data is None else raw_data],
+    }

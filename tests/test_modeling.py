@@ -8,7 +8,7 @@ import torch
 from oracle import (
     OriginalTokenizer,
     build_original_cpmbee,
-    convert_data_to_id,
+    original_collater_item,
     original_beam_search,
     original_logits,
     original_prompt,
@@ -90,21 +90,7 @@ def _original_training_batch(datas, max_len):
     from VisCPM.utils.utils import CPMBeeCollater
 
     tokenizer = OriginalTokenizer()
-    items = []
-    for data in datas:
-        ids, subs, context, segments, rel, n_segments, _, _ = convert_data_to_id(
-            tokenizer, copy.deepcopy(data), shuffle_answer=False
-        )
-        items.append({
-            "input_ids": torch.from_numpy(ids)[None], "input_id_subs": torch.from_numpy(subs)[None],
-            "context": torch.from_numpy(context)[None], "segment_ids": torch.from_numpy(segments)[None],
-            "segment_rel_offset": torch.zeros(1, len(ids), dtype=torch.int32),
-            "segment_rel": torch.from_numpy(rel)[None],
-            "sample_ids": torch.zeros(1, len(ids), dtype=torch.int32),
-            "num_segments": torch.full((1, len(ids)), n_segments, dtype=torch.int32),
-            "raw_data": [data],
-        })
-    return CPMBeeCollater(tokenizer, max_len)(items)
+    return CPMBeeCollater(tokenizer, max_len)([original_collater_item(tokenizer, data) for data in datas])
 
 
 def test_training_forward_and_loss_match_original(pair):

@@ -59,6 +59,18 @@ _TEXT_KEYS = ("input_ids", "segment_ids", "context_mask", "labels")
 _IGNORE_INDEX = -100
 
 
+def _encoding_features() -> dict:
+    """`datasets` column types of one tokenizer encoding (the per-example ext table included)."""
+    import datasets
+
+    return {
+        **{key: datasets.Sequence(datasets.Value("int64")) for key in _TEXT_KEYS},
+        "segment_rel": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
+        "ext_table_ids": datasets.Sequence(datasets.Value("int64")),
+        "ext_table_sub": datasets.Sequence(datasets.Value("int64")),
+    }
+
+
 class BadDataError(ValueError):
     """A training row that cannot be used (with ``on_bad_rows="raise"``), or no usable row at all."""
 
@@ -320,10 +332,7 @@ def prepare_chat_dataset(
         return out
 
     features = datasets.Features({
-        **{key: datasets.Sequence(datasets.Value("int64")) for key in _TEXT_KEYS},
-        "segment_rel": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-        "ext_table_ids": datasets.Sequence(datasets.Value("int64")),
-        "ext_table_sub": datasets.Sequence(datasets.Value("int64")),
+        **_encoding_features(),
         "image_start": datasets.Value("int64"),
         "image_path": datasets.Value("string"),
         "image_bytes": datasets.Value("binary"),
@@ -406,10 +415,7 @@ def prepare_text_dataset(
         return out
 
     features = datasets.Features({
-        **{key: datasets.Sequence(datasets.Value("int64")) for key in _TEXT_KEYS},
-        "segment_rel": datasets.Sequence(datasets.Sequence(datasets.Value("int64"))),
-        "ext_table_ids": datasets.Sequence(datasets.Value("int64")),
-        "ext_table_sub": datasets.Sequence(datasets.Value("int64")),
+        **_encoding_features(),
         "row_index": datasets.Value("int64"),
         "skip_reason": datasets.Value("string"),
     })
