@@ -7,9 +7,13 @@ end: image encoding, prompt prefill and decoding.
 * beam 3: the original `chat()` settings (temperature 0.7, repetition penalty 1.1, length penalty 3), the
   original's `VLLMCPMBeeBeamSearch.generate` against our `VisCPMChat.chat` (the same algorithm; the answers
   are compared);
-* greedy: the original's own loop with ``beam_size=1`` (its only way to decode one hypothesis) against
-  transformers' greedy `generate()` on our model (``original_beam_search=False``; different algorithms, so
-  only the time is compared).
+* beam 1: the original's own loop with ``beam_size=1`` (its only way to decode one hypothesis) against ours
+  with ``num_beams=1`` (the same algorithm; the answers are compared);
+* greedy: that original beam-1 loop against transformers' greedy `generate()` on our model
+  (``original_beam_search=False``; different algorithms, so only the time is compared).
+
+``--decode-mode`` picks our beam search's decode step (``dynamic``, ``static``, ``compile``; see
+`CpmBeeStaticDecoder`); each mode gets one untimed warm-up call (compilation) before the timed repeats.
 
 The model is a tiny original `VLU_CPMBee` grown to the medium size, saved in the original checkpoint format
 and converted with our converter. A measurement script, not a test: nothing asserts on timing.
@@ -52,6 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-mode", default="dynamic", choices=["dynamic", "static", "compile", "cuda_graph"])
     args = parser.parse_args()
 
     from oracle import TINY_ORIGINAL_CONFIG, VOCAB_FILE, build_original_vlu, original_chat_generate
@@ -81,10 +86,16 @@ def main():
     n = args.new_tokens
     beam = dict(beam_size=3, temperature=0.7, repetition_penalty=1.1, length_penalty=3.0, max_length=n)
 
+    mode = args.decode_mode
+    for beams in (3, 1):  # warm-up (and compilation) of the timed calls below
+        chat.chat(image, question, num_beams=beams, max_new_tokens=n, decode_mode=mode)
     (answer_o, _), beam_o = best_ms(lambda: original_chat_generate(vlu, pixels, question, **beam), args.repeats)
-    answer_u, beam_u = best_ms(lambda: chat.chat(image, question, max_new_tokens=n).answer, args.repeats)
+    answer_u, beam_u = best_ms(lambda: chat.chat(image, question, max_new_tokens=n, decode_mode=mode).answer,
+                               args.repeats)
     greedy = dict(beam, beam_size=1)
-    _, greedy_o = best_ms(lambda: original_chat_generate(vlu, pixels, question, **greedy), args.repeats)
+    (answer1_o, _), greedy_o = best_ms(lambda: original_chat_generate(vlu, pixels, question, **greedy), args.repeats)
+    answer1_u, beam1_u = best_ms(
+        lambda: chat.chat(image, question, num_beams=1, max_new_tokens=n, decode_mode=mode).answer, args.repeats)
     _, greedy_u = best_ms(
         lambda: chat.chat(image, question, num_beams=1, original_beam_search=False, do_sample=False,
                           repetition_penalty=1.0, max_new_tokens=n, min_new_tokens=n),
@@ -93,12 +104,15 @@ def main():
 
     print(f"torch {torch.__version__} | {platform.machine()} | threads {torch.get_num_threads()} | "
           f"vision {VISION['encoder_embed_dim']}x{VISION['encoder_layers']} at 224/16, CPM-Bee "
-          f"{LLM['dim_model']}x{LLM['num_layers']}, vocab 86583, fp32 | best of {args.repeats}")
+          f"{LLM['dim_model']}x{LLM['num_layers']}, vocab 86583, fp32 | best of {args.repeats} | ours: sdpa, "
+          f"decode_mode={mode}")
     header = f"{'decoding':>8} | {'original ms':>11} | {'ours ms':>9} | {'ratio o/u':>9} | {'answers':>8}"
     print(header)
     print("-" * len(header))
     print(f"{'beam 3':>8} | {beam_o:>11.0f} | {beam_u:>9.0f} | {beam_o / beam_u:>9.2f} | "
           f"{'same' if answer_o == answer_u else 'DIFFER':>8}")
+    print(f"{'beam 1':>8} | {greedy_o:>11.0f} | {beam1_u:>9.0f} | {greedy_o / beam1_u:>9.2f} | "
+          f"{'same' if answer1_o == answer1_u else 'DIFFER':>8}")
     print(f"{'greedy':>8} | {greedy_o:>11.0f} | {greedy_u:>9.0f} | {greedy_o / greedy_u:>9.2f} | {'n/a':>8}")
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-token decode time of our `CpmBeeForCausalLM` (DynamicCache, or StaticCache with `--cache static`) against
+"""Per-token decode time of our `CpmBeeForCausalLM` (DynamicCache; or see `--cache`) against
 the original VisCPM `CPMBeeTorch` (its own key/value buffer), on one medium random-weight config, at several
 prompt lengths.
 
@@ -172,6 +172,28 @@ class OursDecoder:
         return self._call(torch.tensor([[token]]))
 
 
+class OursStaticDecoder:
+    """Our `CpmBeeStaticDecoder` (the fixed-shape step of ``decode_mode="static"`` / ``"compile"``)."""
+
+    def __init__(self, model, inputs, answer_segment, mode="static", max_new_tokens=0):
+        from viscpm.modeling.generation_cpmbee import CpmBeeStaticDecoder
+
+        self.model = model
+        self.inputs = inputs
+        self.decoder = CpmBeeStaticDecoder(model, 1, inputs["input_ids"].shape[1] + max_new_tokens, mode=mode)
+        self.segment = torch.tensor([answer_segment])
+
+    def prefill(self):
+        meta = {k: v for k, v in self.inputs.items() if k != "input_ids"}
+        with torch.no_grad():
+            self.model(input_ids=self.inputs["input_ids"], cache=self.decoder.cache, use_cache=True, **meta)
+        self.decoder.start(self.inputs["input_ids"].shape[1], **meta)
+
+    def step(self, token):
+        with torch.no_grad():
+            return self.decoder.step(torch.tensor([token]), self.segment)[0]
+
+
 def load_average():
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -200,7 +222,11 @@ def measure(orig, ours, tokenizer, model_inputs, info, steps, cache="dynamic"):
     inputs, _, _ = ours_inputs(model_inputs, ours.config.vocab_size)
 
     o_dec = OriginalDecoder(orig, model_inputs, answer_segment)
-    u_dec = OursDecoder(ours, inputs, answer_segment, cache, max_new_tokens=steps + 1)
+    if cache.startswith("decoder"):
+        mode = "compile" if cache == "decoder-compile" else "static"
+        u_dec = OursStaticDecoder(ours, inputs, answer_segment, mode, max_new_tokens=steps + 1)
+    else:
+        u_dec = OursDecoder(ours, inputs, answer_segment, cache, max_new_tokens=steps + 1)
     _, o_prefill = timed(o_dec.prefill)
     _, u_prefill = timed(u_dec.prefill)
 
@@ -227,7 +253,7 @@ def measure(orig, ours, tokenizer, model_inputs, info, steps, cache="dynamic"):
     )
 
 
-def run_beam(orig, ours, gen, tokenizer, target_len, new_tokens, seed, repeats):
+def run_beam(orig, ours, gen, tokenizer, target_len, new_tokens, seed, repeats, modes=("dynamic",)):
     """The whole original decoding as `VisCPMChat.chat` runs it (beam 3, temperature 0.7, repetition penalty 1.1,
     length penalty 3): the original's `VLLMCPMBeeBeamSearch._decode` against our `cpmbee_beam_search` on the
     same prompt, prefill included; per generated token, best of `repeats`, answers compared."""
@@ -238,15 +264,18 @@ def run_beam(orig, ours, gen, tokenizer, target_len, new_tokens, seed, repeats):
     _, _, data = make_prompt(gen, tokenizer, target_len, seed)
     inputs = CpmBeeTokenizer(VOCAB_FILE)(data, return_tensors="pt")
     settings = dict(beam_size=3, max_length=new_tokens, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7)
-    o_times, u_times = [], []
+    o_times, u_times, same = [], {mode: [] for mode in modes}, True
     for _ in range(repeats):
         answer_o, o_ms = timed(lambda: original_beam_search(orig, [data], **settings))
-        answer_u, u_ms = timed(lambda: cpmbee_beam_search(ours, **inputs, **settings))
         o_times.append(o_ms)
-        u_times.append(u_ms)
+        for mode in modes:
+            answer_u, u_ms = timed(lambda: cpmbee_beam_search(ours, **inputs, **settings, decode_mode=mode))
+            u_times[mode].append(u_ms)
+            same = same and answer_o == answer_u
     tokens = max(1, len(answer_o[0][0]) + 1)
     return dict(prompt_len=inputs["input_ids"].shape[1], tokens=tokens, o_ms=min(o_times) / tokens,
-                u_ms=min(u_times) / tokens, same=answer_o == answer_u)
+                u_ms={mode: min(times) / tokens for mode, times in u_times.items()},
+                u_first={mode: times[0] / tokens for mode, times in u_times.items()}, same=same)
 
 
 def main():
@@ -261,11 +290,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="measure each length this many times (fresh prefill each) and report the best")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"],
-                        help="our KV cache: DynamicCache (generate's default) or a preallocated StaticCache")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static", "decoder", "decoder-compile"],
+                        help="our single step: DynamicCache (generate's default), transformers' StaticCache, or our "
+                             "CpmBeeStaticDecoder step, eager or compiled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beam-tokens", type=int, default=32,
                         help="answer length (the original's max_length) of the beam-search table; 0 skips it")
+    parser.add_argument("--decode-modes", nargs="+", default=["dynamic", "static"],
+                        choices=["dynamic", "static", "compile", "cuda_graph"],
+                        help="our beam search's decode_mode(s) in the beam-search table")
     args = parser.parse_args()
 
     from oracle import OriginalTokenizer, build_original_cpmbee  # noqa: E402  (patches the original for CPU)
@@ -330,17 +363,23 @@ def main():
         print(f"{r['prompt_len']:>10} | {r['o_ms']:>15.2f} | {r['u_ms']:>11.2f} | {r['o_ms'] / r['u_ms']:>9.2f} | "
               f"{r['o_prefill']:>15.1f} | {r['u_prefill']:>15.1f} | {agree:>8}")
     if args.beam_tokens:
-        beams = [run_beam(orig, ours, gen, tokenizer, length, args.beam_tokens, args.seed, args.repeats)
+        modes = args.decode_modes
+        beams = [run_beam(orig, ours, gen, tokenizer, length, args.beam_tokens, args.seed, args.repeats, modes)
                  for length in args.lengths]
-        header = (f"{'prompt len':>10} | {'original ms/tok':>15} | {'ours ms/tok':>11} | {'ratio o/u':>9} | "
-                  f"{'tokens':>6} | {'answers':>8}")
+        header = (f"{'prompt len':>10} | {'original ms/tok':>15} | "
+                  + " | ".join(f"{'ours ' + m + ' ms/tok':>20} | {'ratio o/u':>9}" for m in modes)
+                  + f" | {'tokens':>6} | {'answers':>8}")
         print()
-        print("the original decoding of chat(): beam 3 with its penalties, prefill included, per generated token")
+        print("the original decoding of chat(): beam 3 with its penalties, prefill included, per generated token "
+              "(best repeat; ours by decode_mode)")
         print(header)
         print("-" * len(header))
         for r in beams:
-            print(f"{r['prompt_len']:>10} | {r['o_ms']:>15.2f} | {r['u_ms']:>11.2f} | {r['o_ms'] / r['u_ms']:>9.2f} | "
-                  f"{r['tokens']:>6} | {'same' if r['same'] else 'DIFFER':>8}")
+            print(f"{r['prompt_len']:>10} | {r['o_ms']:>15.2f} | "
+                  + " | ".join(f"{r['u_ms'][m]:>20.2f} | {r['o_ms'] / r['u_ms'][m]:>9.2f}" for m in modes)
+                  + f" | {r['tokens']:>6} | {'same' if r['same'] else 'DIFFER':>8}")
+        print("first repeat (compile and capture included), ms/tok: " + "; ".join(
+            f"len {r['prompt_len']}: " + ", ".join(f"{m} {r['u_first'][m]:.2f}" for m in modes) for r in beams))
     print()
     print(f"load average at end {load_average()} (other work on the machine inflates times; see the per-repeat medians)")
     for r in rows:

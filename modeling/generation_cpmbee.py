@@ -7,6 +7,8 @@
 * `cpmbee_beam_search`: the original beam search, step for step: temperature inside beam search, the top
   ``2 * beams`` candidates per step, hypotheses scored ``sum_logprob / len ** length_penalty``, several
   answer segments filled one after another, and the original's length limit and stopping rule.
+* `CpmBeeStaticDecoder`: the decode step of that search over preallocated buffers, with every shape fixed for
+  the whole answer, so the step can be compiled once or replayed as a CUDA graph (``decode_mode``).
 
 The standard ``model.generate()`` (greedy, sampling, transformers' beam search) remains available; these
 pieces are what VisCPM-Chat uses to give the same answer as the original for the same checkpoint.
@@ -127,6 +129,163 @@ class _Hypotheses:
         return max(self.items, key=lambda item: item[0])[1]
 
 
+DECODE_MODES = ("dynamic", "static", "compile", "cuda_graph")
+STATIC_SLOTS_MULTIPLE = 128
+
+
+class CpmBeeStaticKV:
+    """Key/value buffers of fixed size ``[rows, heads, max_length, head_dim]`` per layer.
+
+    It has the two methods the attention layers call on a cache (``update`` and ``get_seq_length``). ``position``
+    (a 0-dim tensor on the device) is the slot the next token is written to; keeping it on the device lets a
+    captured step advance it without a host sync."""
+
+    def __init__(self, model, rows: int, max_length: int):
+        config = model.config
+        self.max_length = max_length
+        self.keys, self.values = [], []
+        for layer in model.model.layers:
+            weight = layer.self_attn.k_proj.weight
+            shape = (rows, config.num_attention_heads, max_length, config.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+            self.values.append(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        self.position = torch.zeros((), dtype=torch.long, device=model.model.embed_tokens.weight.device)
+        self.length = 0  # the same count, kept on the host for the prompt step
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        slots = self.position.to(keys.device) + torch.arange(key.shape[-2], device=keys.device)
+        keys.index_copy_(2, slots, key.to(keys.dtype))
+        values.index_copy_(2, slots, value.to(values.dtype))
+        return keys, values
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        for buffer in (*self.keys, *self.values):
+            buffer.copy_(buffer.index_select(0, index.to(buffer.device)))
+
+
+class CpmBeeStaticDecoder:
+    """The single-token decode step of `cpmbee_beam_search` with every tensor shape fixed for the whole answer.
+
+    Keys live in `CpmBeeStaticKV`; each step writes slot ``position`` and attends to all ``max_length`` slots,
+    with the position-bias row of the new token computed from the slot metadata (segment of every slot, context
+    and padding flags) and unwritten slots hidden. Because nothing depends on the host-side length, the step can
+    be compiled once (``mode="compile"``) or captured and replayed as a CUDA graph (``mode="cuda_graph"``, which
+    removes the per-kernel launch cost that dominates a batch-1 decode step). ``mode="static"`` runs it eagerly.
+    The logits equal the dynamic-cache path up to float summation order (the softmax spans the hidden slots too).
+    """
+
+    def __init__(self, model, rows: int, max_length: int, mode: str = "static"):
+        if mode not in DECODE_MODES[1:]:
+            raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        if mode == "cuda_graph" and model.model.embed_tokens.weight.device.type != "cuda":
+            raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'static' or 'compile'")
+        self.model = model
+        self.mode = mode
+        self.rows = rows
+        self.cache = CpmBeeStaticKV(model, rows, max_length)
+        self.graph = None
+
+    def start(self, prompt_length: int, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
+              ext_table_sub) -> None:
+        """Record the prompt's slot metadata after its keys were written by a forward with ``cache=self.cache``."""
+        device = self.cache.position.device
+        length, rows = self.cache.max_length, self.rows
+        self.cache.length = prompt_length
+        self.cache.position.fill_(prompt_length)
+
+        def slots(prompt_part, fill):
+            full = torch.full((rows, length), fill, dtype=torch.long, device=device)
+            full[:, :prompt_length] = prompt_part
+            return full
+
+        self.key_segment = slots(segment_ids, 0)
+        self.key_context = slots(context_mask, 0).bool()
+        self.key_valid = slots(attention_mask, 1).bool()
+        # Without a relation table every pair is "same segment" (relation 0), as in the model's forward.
+        self.segment_rel = None if segment_rel is None else segment_rel.reshape(rows, -1).clone()
+        self.num_segments = 0 if segment_rel is None else segment_rel.shape[-1]
+        self.slot_index = torch.arange(length, device=device)
+        # Own copies, one row per beam: `reorder` permutes them in place.
+        self.ext_table_ids = None if ext_table_ids is None else ext_table_ids.expand(rows, -1).clone()
+        self.ext_table_sub = None if ext_table_sub is None else ext_table_sub.expand(rows, -1).clone()
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.segments = torch.zeros(rows, dtype=torch.long, device=device)
+        self._run = self._step
+        if self.mode == "compile":
+            self._run = torch.compile(self._step, dynamic=False, fullgraph=True)
+        elif self.mode == "cuda_graph":
+            self._capture()
+
+    def _step(self) -> torch.Tensor:
+        """One token per row (``self.tokens`` in segments ``self.segments``) written at ``position``; logits out."""
+        inner = self.model.model
+        position = self.cache.position
+        slot = position.view(1)
+        self.key_segment.index_copy_(1, slot, self.segments[:, None])
+        if self.segment_rel is None:
+            relation = torch.zeros_like(self.key_segment)
+        else:
+            relation = torch.gather(self.segment_rel, 1, self.segments[:, None] * self.num_segments + self.key_segment)
+        position_bias = inner.position_bias(slot, self.slot_index, relation[:, None, :])
+        embeds = inner.embed(self.tokens[:, None], self.ext_table_ids, self.ext_table_sub, validate=False)
+        position_bias = position_bias.to(embeds.dtype)
+        visible = (self.key_context | (self.slot_index <= position)) & self.key_valid
+        visible = visible[:, None, :]
+        additive_mask = None
+        if (inner.config._attn_implementation or "eager") != "eager":
+            additive_mask = position_bias.masked_fill(~visible[:, None], torch.finfo(position_bias.dtype).min)
+        hidden_states = embeds
+        for layer in inner.layers:
+            hidden_states = layer(hidden_states, position_bias, visible, additive_mask, cache=self.cache)
+        hidden_states = inner.norm(hidden_states)
+        logits = self.model.compute_logits(hidden_states, self.ext_table_ids, self.ext_table_sub)
+        position.add_(1)
+        return logits[:, -1]
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (lazy kernel and workspace set-up must not be captured). The warm-up steps write
+        # slot `position`, which the first real step overwrites, so only the counter needs winding back.
+        warmups = 2
+        stream = torch.cuda.Stream(self.cache.position.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache.position.sub_(warmups)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._graph_logits = self._step()  # recorded only: the counter advances at each replay
+        self._run = self._replay
+
+    def _replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self._graph_logits
+
+    def step(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (raw ids, in answer segments ``segments``); returns ``[rows, vocab + ext]``."""
+        if self.cache.length >= self.cache.max_length:
+            raise RuntimeError(f"the static decoder holds {self.cache.max_length} tokens and is full")
+        self.tokens.copy_(tokens)
+        self.segments.copy_(segments)
+        self.cache.length += 1
+        logits = self._run()
+        return logits.clone() if self.graph is not None else logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (beam reordering), in place so a captured graph keeps its buffers."""
+        self.cache.reorder_cache(index)
+        index = index.to(self.key_segment.device)
+        for tensor in (self.key_segment, self.key_context, self.key_valid, self.segment_rel, self.ext_table_ids,
+                       self.ext_table_sub):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, index))
+
+
 @torch.no_grad()
 def cpmbee_beam_search(
     model,
@@ -146,6 +305,7 @@ def cpmbee_beam_search(
     repetition_penalty: float = 1.0,
     length_penalty: float = 1.0,
     temperature: float = 1.0,
+    decode_mode: str = "dynamic",
     **unused,
 ) -> list[list[list[int]]]:
     """The original CPM-Bee beam search over a `CpmBeeForCausalLM` (or a model exposing the same forward).
@@ -156,7 +316,13 @@ def cpmbee_beam_search(
     starts with ``<s>``. ``max_length`` is the original's length argument (an answer may run a token or
     two past it, as in the original). Returns, per sample, the raw token ids of each answer slot, without
     the closing ``</s>``; decode them with the tokenizer.
+
+    ``decode_mode``: ``"dynamic"`` (a growing `DynamicCache`; the reference path), or a `CpmBeeStaticDecoder`
+    mode: ``"static"`` (fixed-shape step, eager), ``"compile"`` (that step through `torch.compile`) or
+    ``"cuda_graph"`` (that step replayed as a CUDA graph). The static modes need a `CpmBeeForCausalLM` as ``model``.
     """
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     if repetition_penalty < 1.0:
         raise ValueError(f"repetition_penalty must be >= 1, got {repetition_penalty}")
     if beam_size < 1 or max_length < 1:
@@ -198,7 +364,16 @@ def cpmbee_beam_search(
         vocab_mask[:, vocab_size:] = (~own.to(device)).float()
     masked_positions = vocab_mask.bool()
 
-    cache = DynamicCache(config=config)
+    decoder = None
+    if decode_mode == "dynamic":
+        cache = DynamicCache(config=config)
+    else:
+        # The loop below feeds at most max_length + 1 tokens after the prompt. Rounding the buffers up lets prompts
+        # of similar length share one compiled step (a compiled step is specialised to its shapes).
+        slots = prompt_len + max_length + 1
+        decoder = CpmBeeStaticDecoder(model, rows, -(-slots // STATIC_SLOTS_MULTIPLE) * STATIC_SLOTS_MULTIPLE,
+                                      mode=decode_mode)
+        cache = decoder.cache
     outputs = model(
         input_ids=None if inputs_embeds is not None else expand(input_ids),
         inputs_embeds=expand(inputs_embeds),
@@ -208,6 +383,9 @@ def cpmbee_beam_search(
     )
     cache = outputs.cache
     logits = outputs.logits[:, -1].float()
+    if decoder is not None:
+        decoder.start(prompt_len, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
+                      ext_table_sub)
 
     fed = torch.full((rows, 1), bos, dtype=torch.long, device=device)  # answer tokens fed so far (base ids)
     beam_scores = torch.zeros((batch, beam_size), device=device)
@@ -219,7 +397,9 @@ def cpmbee_beam_search(
 
     next_tokens = None
     for step in range(max_length + 1):
-        if step > 0:
+        if step > 0 and decoder is not None:
+            logits = decoder.step(next_tokens, next_segments).float()
+        elif step > 0:
             outputs = model(
                 input_ids=next_tokens[:, None], attention_mask=attention_mask, segment_ids=segment_ids,
                 context_mask=context_mask, segment_rel=segment_rel, ext_table_ids=ext_table_ids,
@@ -279,12 +459,16 @@ def cpmbee_beam_search(
 
         states = new_states
         index = torch.tensor(reorder, device=device)
-        cache.reorder_cache(index)
         beam_scores = torch.tensor(new_scores, device=device)
         next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+        next_segments = torch.tensor(segments, dtype=torch.long, device=device)
         fed = torch.cat([fed[index], base_ids(next_tokens[:, None], ext_table_ids, vocab_size)], dim=1)
+        if decoder is not None:
+            decoder.reorder(index)
+            continue
+        cache.reorder_cache(index)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
-        segment_ids = torch.cat([segment_ids[index], torch.tensor(segments, device=device)[:, None]], dim=1)
+        segment_ids = torch.cat([segment_ids[index], next_segments[:, None]], dim=1)
         context_mask = torch.cat([context_mask, context_mask.new_zeros((rows, 1))], dim=1)
 
     results = []
@@ -302,6 +486,8 @@ def cpmbee_beam_search(
 
 __all__ = [
     "add_vocab_rule",
+    "CpmBeeStaticDecoder",
+    "CpmBeeStaticKV",
     "CpmBeeRepetitionPenaltyLogitsProcessor",
     "CpmBeeVocabMaskLogitsProcessor",
     "apply_answer_repetition_penalty",

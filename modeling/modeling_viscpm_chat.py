@@ -36,6 +36,12 @@ from .modeling_cpmbee import CpmBeeForCausalLM
 POSITION_OFFSET = 2
 
 
+def _input_device(weight: torch.Tensor) -> torch.device | None:
+    """The device to move a module's inputs to: its weight's, or None when accelerate offloaded the weight (a meta
+    placeholder until the module runs), since the module's hook then moves the inputs itself."""
+    return None if weight.device.type == "meta" else weight.device
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Vision encoder (BEiT-3, multiway)
 # --------------------------------------------------------------------------------------------------------------
@@ -93,13 +99,13 @@ class VisCPMVisionEmbeddings(nn.Module):
                 f"{size}x{size} images (use the model's image processor)"
             )
         weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(device=weight.device, dtype=weight.dtype))
+        patches = self.patch_embedding(pixel_values.to(device=_input_device(weight), dtype=weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
         image_states = torch.cat([cls, patches], dim=1)
-        image_states = image_states + self.position_embedding.image.weight[
-            POSITION_OFFSET: POSITION_OFFSET + image_states.shape[1]
-        ]
+        # Position rows are looked up through the modules (not sliced from `.weight`), so offloaded tables load.
+        positions = torch.arange(POSITION_OFFSET, POSITION_OFFSET + image_states.shape[1], device=image_states.device)
+        image_states = image_states + self.position_embedding.image(positions)
         if query_embeds is None:
             return image_states, None
         count = query_embeds.shape[1]
@@ -107,9 +113,8 @@ class VisCPMVisionEmbeddings(nn.Module):
             raise ValueError(
                 f"{count} query tokens do not fit the {self.position_embedding.query.num_embeddings} query positions"
             )
-        query_states = query_embeds.to(image_states.dtype) + self.position_embedding.query.weight[
-            POSITION_OFFSET: POSITION_OFFSET + count
-        ]
+        positions = torch.arange(POSITION_OFFSET, POSITION_OFFSET + count, device=image_states.device)
+        query_states = query_embeds.to(image_states.dtype) + self.position_embedding.query(positions)
         return image_states, query_states
 
 
@@ -234,7 +239,7 @@ class VisCPMVisionPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VisCPMVisionLayer"]
+    _no_split_modules = ["VisCPMVisionEmbeddings", "VisCPMVisionLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -385,7 +390,7 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VisCPMVisionLayer", "CpmBeeDecoderLayer"]
+    _no_split_modules = ["VisCPMVisionEmbeddings", "VisCPMVisionLayer", "CpmBeeDecoderLayer"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -445,13 +450,12 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The mapped query outputs for a batch of images: ``[batch, query_num, text_hidden]``."""
-        device = self.vision_model.embeddings.patch_embedding.weight.device
-        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
-        pixel_values = pixel_values.to(device=device, dtype=dtype)
-        query = self.query.to(device=device, dtype=dtype)
+        weight = self.vision_model.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=_input_device(weight), dtype=weight.dtype)
+        query = self.query.to(device=pixel_values.device, dtype=weight.dtype)
         states = self.vision_model(pixel_values, query_embeds=query).query_hidden_states
-        first = self.mapping[0].weight
-        return self.mapping(states.to(device=first.device, dtype=first.dtype))
+        # No cast to `mapping`'s weight: quantized, it is int8/uint8 (bitsandbytes casts inputs itself).
+        return self.mapping(states)
 
     def merge_vision_hidden_states(
         self, inputs_embeds: torch.Tensor, vision_hidden_states: torch.Tensor, image_bound: torch.Tensor
@@ -622,7 +626,10 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         ``original_beam_search=True``: then search without sampling runs [`cpmbee_beam_search`], so `generate()`
         and `pipeline("image-text-to-text")` give the original's answers. Set ``original_beam_search=False`` for
         transformers' own greedy/beam search (and for streaming); sampling always uses transformers' loop.
-        Returns the prompt followed by each answer and its ``</s>``, right-padded.
+        ``decode_mode`` (argument or generation-config attribute) picks how the original beam search runs its
+        decode steps: ``"dynamic"`` (default), ``"static"``, ``"compile"`` or ``"cuda_graph"`` (see
+        [`~generation_cpmbee.CpmBeeStaticDecoder`]). Returns the prompt followed by each answer and its ``</s>``,
+        right-padded.
         """
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         if "temperature" not in kwargs and getattr(config, "beam_temperature", None) is not None:
@@ -640,6 +647,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                 )
             return self._generate_original(inputs, config, kwargs_temperature, ext_table_mask, unk_allowed,
                                            **model_kwargs)
+        if model_kwargs.pop("decode_mode", "dynamic") not in ("dynamic", None):
+            raise ValueError("decode_mode applies to the original beam search (original_beam_search=True without "
+                             "sampling); transformers' loop takes cache_implementation instead")
         logits_processor = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask, unk_allowed)
         config.original_beam_search = False
         if config.num_beams == 1:
@@ -664,6 +674,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             beam_size=config.num_beams, max_length=config.max_new_tokens,
             repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
             temperature=temperature or 1.0,
+            decode_mode=model_kwargs.pop("decode_mode", getattr(config, "decode_mode", None) or "dynamic"),
             **{k: v for k, v in model_kwargs.items() if k not in ("use_cache", "attention_mask")},
             attention_mask=model_kwargs.get("attention_mask"),
         )
@@ -698,6 +709,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         repetition_penalty: float = 1.0,
         length_penalty: float = 1.0,
         temperature: float = 1.0,
+        decode_mode: str = "dynamic",
         **unused,
     ) -> tuple[list[list[list[int]]], torch.Tensor | None]:
         """The original VisCPM-Chat beam search (see [`~generation_cpmbee.cpmbee_beam_search`]) over a prompt
@@ -732,6 +744,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             repetition_penalty=repetition_penalty,
             length_penalty=length_penalty,
             temperature=temperature,
+            decode_mode=decode_mode,
         )
         return answers, vision_hidden_states
 

@@ -80,6 +80,21 @@ def test_batch_equals_one_at_a_time(viscpm_chat):
                                          for i, q in zip(images, questions)]
 
 
+def test_static_decoding_like_the_original(chat, viscpm_chat):
+    """``decode_mode="static"`` (fixed-shape decode step), per call or from the generation config, batched."""
+    images, questions = [_image(7), _image(8)], ["图里有𠀀吗？", "What is in the picture?"]
+    expected = [_original_answer(chat, image, question)[0] for image, question in zip(images, questions)]
+    batched = viscpm_chat.batch_chat(images, questions, max_new_tokens=MAX_NEW_TOKENS, decode_mode="static")
+    assert [response.answer for response in batched] == expected
+    viscpm_chat.model.generation_config.decode_mode = "static"
+    try:
+        assert viscpm_chat.chat(images[0], questions[0], max_new_tokens=MAX_NEW_TOKENS).answer == expected[0]
+    finally:
+        del viscpm_chat.model.generation_config.decode_mode
+    with pytest.raises(ValueError, match="decode_mode applies to the original beam search"):
+        viscpm_chat.chat(images[0], "hi", original_beam_search=False, decode_mode="static", max_new_tokens=2)
+
+
 def test_pipeline_equals_chat(chat, viscpm_chat):
     _, _, _, folder = chat
     pipe = pipeline("image-text-to-text", model=str(folder), device="cpu")

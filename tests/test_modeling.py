@@ -187,14 +187,16 @@ def test_batch_equals_one_at_a_time(pair):
         dict(beam_size=4, max_length=12, repetition_penalty=1.5, length_penalty=0.5, temperature=1.3),
     ],
 )
-def test_beam_search_matches_original(pair, settings):
+@pytest.mark.parametrize("decode_mode", ["dynamic", "static"])
+def test_beam_search_matches_original(pair, settings, decode_mode):
     original, model, tokenizer, _ = pair
     inputs = _inputs(tokenizer, PROMPTS)
-    ours = cpmbee_beam_search(model, **inputs, **settings)
+    ours = cpmbee_beam_search(model, **inputs, **settings, decode_mode=decode_mode)
     assert ours == original_beam_search(original, PROMPTS, **settings)
 
 
-def test_beam_search_matches_original_with_endings_and_several_answers(pair, vocab_file):
+@pytest.mark.parametrize("decode_mode", ["dynamic", "static"])
+def test_beam_search_matches_original_with_endings_and_several_answers(pair, decode_mode):
     """Make `</s>` likely so hypotheses finish early and answers move from one slot to the next."""
     original, model, tokenizer, _ = pair
     original = copy.deepcopy(original)
@@ -209,7 +211,8 @@ def test_beam_search_matches_original_with_endings_and_several_answers(pair, voc
     settings = dict(beam_size=3, max_length=12, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7)
     expected = original_beam_search(original, datas, **settings)
     inputs = _inputs(tokenizer, datas)
-    ours = cpmbee_beam_search(model, **inputs, answer_segments=tokenizer.answer_segments(datas), **settings)
+    ours = cpmbee_beam_search(model, **inputs, answer_segments=tokenizer.answer_segments(datas), **settings,
+                              decode_mode=decode_mode)
     assert ours == expected
     assert any(len(slot) < settings["max_length"] for answer in expected for slot in answer)
 
@@ -376,3 +379,75 @@ def test_loading_does_not_hold_a_second_copy(tmp_path):
     added = int(result.stdout.strip().splitlines()[-1])
     assert size > 100 * 2**20
     assert added < 1.5 * size, f"loading {size / 2**20:.0f} MiB of weights added {added / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_static_decoder_steps_equal_dynamic_cache(pair, implementation):
+    """The fixed-shape decode step gives the logits of the growing-cache forward, step after step, for a
+    left-padded batch with ext-table ids fed back in, including a beam reordering between steps."""
+    from viscpm.modeling.generation_cpmbee import CpmBeeStaticDecoder
+    from transformers.cache_utils import DynamicCache
+
+    _, model, tokenizer, _ = pair
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = implementation
+    inputs = _inputs(tokenizer, PROMPTS)
+    rows, prompt_len = inputs["input_ids"].shape
+    meta = {key: inputs[key] for key in GENERATION_KEYS}
+    cache = DynamicCache(config=model.config)
+    decoder = CpmBeeStaticDecoder(model, rows, prompt_len + 4)
+    with torch.no_grad():
+        dynamic = model(input_ids=inputs["input_ids"], cache=cache, use_cache=True, **meta).logits[:, -1]
+        static = model(input_ids=inputs["input_ids"], cache=decoder.cache, use_cache=True, **meta).logits[:, -1]
+        torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
+        decoder.start(prompt_len, **meta)
+        segments = inputs["segment_ids"][:, -1]
+        vocab = model.config.vocab_size
+        for step in range(4):
+            tokens = dynamic.argmax(-1)
+            tokens[0] = vocab if inputs["ext_table_ids"].shape[-1] else tokens[0]  # an ext-table id as input
+            if step == 2:
+                index = torch.tensor([1, 1, 0])
+                cache.reorder_cache(index)
+                decoder.reorder(index)
+                meta = {key: value[index] for key, value in meta.items()}
+                segments = segments[index]
+            meta["attention_mask"] = torch.cat([meta["attention_mask"], torch.ones(rows, 1, dtype=torch.long)], 1)
+            meta["segment_ids"] = torch.cat([meta["segment_ids"], segments[:, None]], 1)
+            meta["context_mask"] = torch.cat([meta["context_mask"], torch.zeros(rows, 1, dtype=torch.long)], 1)
+            dynamic = model(input_ids=tokens[:, None], cache=cache, use_cache=True, **meta).logits[:, -1]
+            static = decoder.step(tokens, segments)
+            torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
+        with pytest.raises(RuntimeError, match="full"):
+            decoder.step(tokens, segments)
+
+
+def test_compiled_decode_step_is_one_graph_with_the_same_answers(pair, monkeypatch):
+    """``decode_mode="compile"`` traces the whole step as one graph (``fullgraph=True`` fails on any break). The
+    test compiles with dynamo's eager backend: inductor's code generation takes over a minute on 2 CPU cores
+    here, so the generated kernels are measured in benchmarks/bench_cpmbee_decode.py instead."""
+
+    calls = []
+    compile_ = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return compile_(fn, **kwargs, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    _, model, tokenizer, _ = pair
+    settings = dict(beam_size=2, max_length=6, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7)
+    inputs = _inputs(tokenizer, PROMPTS)
+    expected = cpmbee_beam_search(model, **inputs, **settings)
+    assert cpmbee_beam_search(model, **inputs, **settings, decode_mode="compile") == expected
+    assert calls == [dict(dynamic=False, fullgraph=True)]
+
+
+def test_decode_mode_errors(pair):
+    _, model, tokenizer, _ = pair
+    inputs = _inputs(tokenizer, PROMPTS[:1])
+    with pytest.raises(ValueError, match="decode_mode must be one of"):
+        cpmbee_beam_search(model, **inputs, decode_mode="graph")
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        cpmbee_beam_search(model, **inputs, decode_mode="cuda_graph")
