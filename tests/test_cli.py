@@ -169,8 +169,10 @@ def test_chat_greedy_streams_the_library_answer(setup, library_chat):
     assert result.stdout == expected + "\n"
 
 
-def test_chat_beam_prints_the_original_search_answer(setup, library_chat, run_main):
-    result = _ok(run_main("chat", setup["chat_dir"], QUESTION, "--image", setup["image"], "--max-new-tokens", TOKENS))
+@pytest.mark.parametrize("extra", [[], ["--decode-mode", "static"]])
+def test_chat_beam_prints_the_original_search_answer(setup, library_chat, run_main, extra):
+    result = _ok(run_main("chat", setup["chat_dir"], QUESTION, "--image", setup["image"], "--max-new-tokens", TOKENS,
+                          *extra))
     response = library_chat.chat(_image(setup["image"]), QUESTION, max_new_tokens=int(TOKENS))
     assert result.stdout == library_chat.processor.tokenizer.unescape(response.answer) + "\n"
 
@@ -193,6 +195,8 @@ def test_chat_session_keeps_history_and_switches_images(setup, library_chat):
 @pytest.mark.parametrize("extra, fragment", [
     (["q", "--greedy", "--sample"], "--sample"),
     (["q", "--greedy", "--num-beams", "2"], "--num-beams 2"),
+    (["q", "--sample", "--decode-mode", "static"], "--decode-mode applies to the original beam search"),
+    (["q", "--decode-mode", "graph"], "invalid choice"),
     (["q", "r"], "unrecognized arguments: r ("),
     (["q", "--dtype", "float64"], "invalid choice"),
     (["q", "--max-new-tokens", "0"], "at least 1"),

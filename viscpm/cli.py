@@ -214,14 +214,20 @@ def load_paint(path: str, dtype: str | None = None, device: str | None = None, p
 
 def decoding_options(decoding: str = "beam", num_beams: int | None = None, max_new_tokens: int | None = None,
                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                     repetition_penalty: float | None = None) -> dict:
+                     repetition_penalty: float | None = None, decode_mode: str | None = None) -> dict:
     """Generation overrides for `VisCPMChat.chat` from the command-line options.
 
     ``decoding`` is ``"beam"`` (the original's beam search, the folder's defaults: not streamable), ``"greedy"``
     (transformers' greedy search) or ``"sample"`` (transformers' sampling, one beam unless ``num_beams``).
+    ``decode_mode`` picks the decode step of the original beam search (``static``, ``compile``, ``cuda_graph``).
     Options left at None keep the folder's generation config.
     """
     options: dict[str, Any] = {}
+    if decode_mode is not None:
+        if decoding != "beam":
+            raise CLIError(f"--decode-mode applies to the original beam search; drop --{decoding} or --decode-mode",
+                           EXIT_USAGE)
+        options["decode_mode"] = decode_mode
     if decoding == "greedy":
         if num_beams not in (None, 1):
             raise CLIError(f"--greedy decodes one beam; drop --num-beams {num_beams}", EXIT_USAGE)
@@ -387,7 +393,7 @@ def cmd_chat(args) -> int:
     options = decoding_options("greedy" if args.greedy else "sample" if args.sample else "beam",
                                num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                               repetition_penalty=args.repetition_penalty)
+                               repetition_penalty=args.repetition_penalty, decode_mode=args.decode_mode)
     if args.question is not None and not args.question.strip():
         raise CLIError("the question is empty; ask something, or leave it out for a multi-turn session", EXIT_USAGE)
     image = load_image(args.image)
@@ -635,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=_positive_int, help="top-k sampling (with --sample)")
     chat.add_argument("--repetition-penalty", type=_positive_float, help="default: the folder's, 1.1")
     chat.add_argument("--seed", type=int, help="random seed (for --sample)")
+    chat.add_argument("--decode-mode", choices=["dynamic", "static", "compile", "cuda_graph"],
+                      help="decode step of the beam search: fixed-shape buffers (static), compiled, or a CUDA graph "
+                           "(default: dynamic)")
     chat.add_argument("--no-stream", action="store_true", help="print each answer only when it is complete")
     chat.set_defaults(func=cmd_chat)
 
