@@ -33,6 +33,8 @@ setup(
     extras_require={
         # `viscpm serve`: the web app.
         "web": ["gradio>=6,<7"],
+        # 8-bit / 4-bit loading: `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`.
+        "quantization": ["bitsandbytes>=0.50"],
         # The original implementation is the test oracle. Its packages (VisCPM==0.0.1.dev0,
         # torchscale==0.3.0, fairscale==0.4.0) declare pins on old releases, so they are NOT listed
         # here: .ci/run installs them with `pip install --no-deps`. What they import is listed here.
@@ -42,6 +44,8 @@ setup(
             "opencv-python-headless",
             "torchvision",
             "setuptools<81",
+            # tests/test_quantization.py loads the models in 8 and 4 bits (bitsandbytes' CPU backend)
+            "bitsandbytes>=0.50",
             # the web app's tests: its HTTP API and a headless browser (Debian's chromium, see .ci/run)
             "gradio>=6,<7",
             "gradio_client>=2",

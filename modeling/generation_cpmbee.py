@@ -136,35 +136,36 @@ STATIC_SLOTS_MULTIPLE = 128
 class CpmBeeStaticKV:
     """Key/value buffers of fixed size ``[rows, heads, max_length, head_dim]`` per layer.
 
-    It has the two methods the attention layers call on a cache (``update`` and ``get_seq_length``). ``position``
-    (a 0-dim tensor on the device) is the slot the next token is written to; keeping it on the device lets a
-    captured step advance it without a host sync."""
+    It has the two methods the attention layers call on a cache (``update`` and ``get_seq_length``). Each layer's
+    buffers are made from its first keys (so they follow that layer's device and compute dtype, whatever the
+    weights are stored as: quantized, offloaded, or spread over devices). ``position`` (a 0-dim tensor on the
+    device) is the slot the next token is written to; keeping it on the device lets a captured step advance it
+    without a host sync."""
 
-    def __init__(self, model, rows: int, max_length: int):
-        config = model.config
+    def __init__(self, config, rows: int, max_length: int, device):
         self.max_length = max_length
-        self.keys, self.values = [], []
-        for layer in model.model.layers:
-            weight = layer.self_attn.k_proj.weight
-            shape = (rows, config.num_attention_heads, max_length, config.head_dim)
-            self.keys.append(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-            self.values.append(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-        self.position = torch.zeros((), dtype=torch.long, device=model.model.embed_tokens.weight.device)
+        self.shape = (rows, config.num_attention_heads, max_length, config.head_dim)
+        self.keys = [None] * config.num_hidden_layers
+        self.values = [None] * config.num_hidden_layers
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         self.length = 0  # the same count, kept on the host for the prompt step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key.new_zeros(self.shape), value.new_zeros(self.shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         slots = self.position.to(keys.device) + torch.arange(key.shape[-2], device=keys.device)
-        keys.index_copy_(2, slots, key.to(keys.dtype))
-        values.index_copy_(2, slots, value.to(values.dtype))
+        keys.index_copy_(2, slots, key)
+        values.index_copy_(2, slots, value)
         return keys, values
 
     def reorder_cache(self, index: torch.Tensor) -> None:
         for buffer in (*self.keys, *self.values):
-            buffer.copy_(buffer.index_select(0, index.to(buffer.device)))
+            if buffer is not None:
+                buffer.copy_(buffer.index_select(0, index.to(buffer.device)))
 
 
 class CpmBeeStaticDecoder:
@@ -178,21 +179,23 @@ class CpmBeeStaticDecoder:
     The logits equal the dynamic-cache path up to float summation order (the softmax spans the hidden slots too).
     """
 
-    def __init__(self, model, rows: int, max_length: int, mode: str = "static"):
+    def __init__(self, model, rows: int, max_length: int, mode: str = "static", device=None):
         if mode not in DECODE_MODES[1:]:
             raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
-        if mode == "cuda_graph" and model.model.embed_tokens.weight.device.type != "cuda":
+        device = torch.device(device) if device is not None else model.device
+        if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'static' or 'compile'")
         self.model = model
         self.mode = mode
         self.rows = rows
-        self.cache = CpmBeeStaticKV(model, rows, max_length)
+        self.device = device
+        self.cache = CpmBeeStaticKV(model.config, rows, max_length, device)
         self.graph = None
 
     def start(self, prompt_length: int, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
               ext_table_sub) -> None:
         """Record the prompt's slot metadata after its keys were written by a forward with ``cache=self.cache``."""
-        device = self.cache.position.device
+        device = self.device
         length, rows = self.cache.max_length, self.rows
         self.cache.length = prompt_length
         self.cache.position.fill_(prompt_length)
@@ -250,7 +253,7 @@ class CpmBeeStaticDecoder:
         # Warm up on a side stream (lazy kernel and workspace set-up must not be captured). The warm-up steps write
         # slot `position`, which the first real step overwrites, so only the counter needs winding back.
         warmups = 2
-        stream = torch.cuda.Stream(self.cache.position.device)
+        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmups):
@@ -372,7 +375,7 @@ def cpmbee_beam_search(
         # of similar length share one compiled step (a compiled step is specialised to its shapes).
         slots = prompt_len + max_length + 1
         decoder = CpmBeeStaticDecoder(model, rows, -(-slots // STATIC_SLOTS_MULTIPLE) * STATIC_SLOTS_MULTIPLE,
-                                      mode=decode_mode)
+                                      mode=decode_mode, device=device)
         cache = decoder.cache
     outputs = model(
         input_ids=None if inputs_embeds is not None else expand(input_ids),

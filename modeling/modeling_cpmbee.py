@@ -72,7 +72,18 @@ class CpmBeeEmbedding(nn.Embedding):
         rotated = torch.cat((-embeds[..., half:], embeds[..., :half]), dim=-1)
         return embeds * cos + rotated * sin
 
-    def forward(self, input_ids: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, sub: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of ``input_ids`` (rotated by ``sub``), or, given ``hidden_states``, the tied output head
+        ``h / sqrt(dim) @ E^T``: a call of this module either way, so offloading hooks load the weight."""
+        if hidden_states is not None:
+            scaled = hidden_states / math.sqrt(self.embedding_dim)
+            rows = scaled.shape[0] * scaled.shape[1]
+            if scaled.device.type == "cpu" and 1 < rows <= 16:
+                # Decode steps of a few rows (beams, small batches): CPU BLAS computes E @ h^T several times
+                # faster than h @ E^T against the 86k-row embedding, which dominates the step.
+                return torch.mm(self.weight, scaled.reshape(rows, -1).t()).t().reshape(*scaled.shape[:2], -1)
+            return F.linear(scaled, self.weight)
         embeds = F.embedding(input_ids, self.weight) / math.sqrt(self.embedding_dim)
         if sub is None:
             return embeds
@@ -455,20 +466,13 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         return None
 
     def compute_logits(self, hidden_states, ext_table_ids=None, ext_table_sub=None) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight
-        scaled = hidden_states / math.sqrt(self.config.hidden_size)
-        rows = scaled.shape[0] * scaled.shape[1]
-        if scaled.device.type == "cpu" and 1 < rows <= 16:
-            # Decode steps of a few rows (beams, small batches): CPU BLAS computes E @ h^T several times faster
-            # than h @ E^T against the 86k-row embedding, which dominates the step.
-            logits = torch.mm(weight, scaled.reshape(rows, -1).t()).t().reshape(*scaled.shape[:2], -1)
-        else:
-            logits = F.linear(scaled, weight)
+        logits = self.model.embed_tokens(hidden_states=hidden_states)
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
             ext = self.model.ext_embeddings(
                 ext_table_ids.expand(hidden_states.shape[0], -1), ext_table_sub.expand(hidden_states.shape[0], -1)
             )
-            logits = torch.cat([logits, torch.matmul(hidden_states, ext.transpose(1, 2))], dim=-1)
+            ext_logits = torch.matmul(hidden_states.to(ext.device), ext.transpose(1, 2))
+            logits = torch.cat([logits, ext_logits.to(logits.device)], dim=-1)
         return logits
 
     def forward(

@@ -339,7 +339,9 @@ def test_auto_classes_and_config():
     model = AutoModelForImageTextToText.from_config(config)
     assert model.query.shape == (4, 16) and model.mapping[2].weight.shape == (16, 16)
     assert type(AutoModel.from_config(config.vision_config)) is VisCPMVisionModel
-    assert set(VisCPMChatForConditionalGeneration._no_split_modules) == {"VisCPMVisionLayer", "CpmBeeDecoderLayer"}
+    assert set(VisCPMChatForConditionalGeneration._no_split_modules) == {
+        "VisCPMVisionEmbeddings", "VisCPMVisionLayer", "CpmBeeDecoderLayer"
+    }
     again = VisCPMChatConfig.from_dict(config.to_dict())
     assert again.vision_config.to_dict() == config.vision_config.to_dict() and again.query_num == 4
     large = VisCPMVisionConfig.from_original({"encoder_embed_dim": 1024, "img_size": 224, "vocab_size": 64010})
