@@ -1,17 +1,29 @@
 #!/usr/bin/env python
 """Seconds per image of our `VisCPMPaintPipeline` against the original VisCPM-Paint, on one small random config,
-and where the time goes (text encoder, UNet, VAE), printed as a table.
+with the speed recipes each measured against our plain path in the same run, printed as a table.
 
 Both sides get the same weights (the original's random tiny-ish model is converted with our converter) and the
-same generator, so they also draw the same image: the largest pixel difference is printed as a check. The time
-of each part is measured with forward hooks (``perf_counter``, synchronised on CUDA): the text encoder is CPM-Bee
-plus the bridge, the UNet counts every denoising step, the VAE is the decode. "other" is the rest (scheduler,
-tokenisation, post-processing). Each side runs ``--repeats`` times after one warm-up, the two alternating; the best repeat is shown.
+same generator, so they also draw the same image: the largest pixel difference from our plain path is printed as
+a check (a recipe that keeps the sampler must stay within float tolerance). Rows, each timed end to end:
+
+* ``original`` and ``ours`` (the plain path);
+* one row per recipe asked for: ``--channels-last`` (UNet and VAE), ``--fuse-qkv`` (`pipe.fuse_qkv_projections()`),
+  ``--compile`` (`torch.compile` of the UNet, ``fullgraph=True``, ``--compile-mode``), ``--prompt-cache``
+  (`pipe.enable_prompt_cache()`: every timed call repeats the prompt), ``--scheduler dpm`` (DPM-Solver++ with
+  ``--dpm-steps`` steps instead of the original's DDPM; another sampler, so no pixel check);
+* ``all`` when more than one recipe is asked for: all of them together.
+
+`with_recipes` (importable) builds such a variant of a pipeline. The time of each part is measured with forward
+hooks (``perf_counter``, synchronised on CUDA): the text encoder is CPM-Bee plus the bridge, the UNet counts every
+denoising step, the VAE is the decode; "other" is the rest (scheduler, tokenisation, post-processing). Every row
+runs once untimed first ("1st call": compilation, cache filling), then ``--repeats`` times, the rows alternating;
+the best repeat is shown.
 
 This is a measurement script, not a test: nothing here asserts on timing.
 
     cd /work/main && /work/venv/bin/python benchmarks/bench_paint.py
     ... --size 128 --steps 20 --dim 256 --layers 4 --images 2 --device cpu
+    ... --channels-last --fuse-qkv --compile --prompt-cache --scheduler dpm --dpm-steps 10
 """
 
 import argparse
@@ -113,6 +125,34 @@ def build(args, workdir):
     return original, ours
 
 
+def with_recipes(pipe, channels_last=False, fuse_qkv=False, compile=False, compile_mode=None, scheduler="default",
+                 prompt_cache=False):
+    """A variant of ``pipe`` with the given speed recipes, on its own copies of the UNet and VAE (the recipes change
+    them in place); the text encoder and the rest are shared. Order as diffusers advises: fuse, re-lay, compile."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+
+    parts = dict(pipe.components, unet=copy.deepcopy(pipe.unet), vae=copy.deepcopy(pipe.vae))
+    if scheduler == "dpm":
+        parts["scheduler"] = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "default":
+        raise ValueError(f"scheduler must be 'default' or 'dpm', got {scheduler!r}")
+    options = {key: pipe.config[key] for key in ("prompt_checker_threshold", "ranker_candidates")}
+    variant = VisCPMPaintPipeline(**parts, **options)
+    variant.set_progress_bar_config(disable=True)
+    if fuse_qkv:
+        variant.fuse_qkv_projections()
+    if channels_last:
+        variant.unet.to(memory_format=torch.channels_last)
+        variant.vae.to(memory_format=torch.channels_last)
+    if compile:
+        variant.unet = torch.compile(variant.unet, mode=compile_mode, fullgraph=True)
+    if prompt_cache:
+        variant.enable_prompt_cache()
+    return variant
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -122,8 +162,19 @@ def main():
     parser.add_argument("--layers", type=int, default=4, help="CPM-Bee layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="our pipeline's dtype (the original runs in float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    recipes = parser.add_argument_group("recipes (each adds a row measured against the plain path)")
+    recipes.add_argument("--channels-last", action="store_true", help="channels_last UNet and VAE")
+    recipes.add_argument("--fuse-qkv", action="store_true", help="pipe.fuse_qkv_projections() (UNet and VAE)")
+    recipes.add_argument("--compile", action="store_true", help="torch.compile(pipe.unet, fullgraph=True)")
+    recipes.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune)")
+    recipes.add_argument("--prompt-cache", action="store_true", help="pipe.enable_prompt_cache()")
+    recipes.add_argument("--scheduler", default="default", choices=["default", "dpm"],
+                         help="dpm: a DPM-Solver++ row (--dpm-steps steps)")
+    recipes.add_argument("--dpm-steps", type=int, default=None, help="steps of the dpm row (default: --steps)")
     args = parser.parse_args()
 
     import oracle  # noqa: F401  (imports the original, which changes the thread count)
@@ -135,17 +186,10 @@ def main():
     original.device = device
     original.model.to(device)
     ours.to(device)
+    if args.dtype != "float32":
+        ours.to(dtype=getattr(torch, args.dtype))
 
     from oracle import original_paint_inputs
-
-    timer_theirs, timer_ours = PartTimer(device), PartTimer(device)
-    timer_theirs.watch("text encoder", original.llm)
-    timer_theirs.watch("text encoder", original.sd.trans_block)
-    timer_theirs.watch("unet", original.sd.unet)
-    timer_theirs.watch("vae", original.sd.vae, "decode")
-    timer_ours.watch("text encoder", ours.text_encoder)
-    timer_ours.watch("unet", ours.unet)
-    timer_ours.watch("vae", ours.vae, "decode")
 
     def run_theirs():
         # The original's `VisCPMPaint.generate` path (build_input, VLG_CPMBee.generate), minus the PIL grid.
@@ -156,40 +200,74 @@ def main():
         return original.model.generate(data, uncond, num_images_per_prompt=args.images, num_inference_steps=args.steps,
                                        height=args.size, width=args.size, generator=generator, output_type="np").images
 
-    def run_ours():
-        generator = torch.Generator(device).manual_seed(args.seed)
-        return ours(PROMPT, num_images_per_prompt=args.images, num_inference_steps=args.steps, height=args.size,
-                    width=args.size, generator=generator, output_type="np").images
+    def runner(pipe, steps):
+        def run():
+            generator = torch.Generator(device).manual_seed(args.seed)
+            return pipe(PROMPT, num_images_per_prompt=args.images, num_inference_steps=steps, height=args.size,
+                        width=args.size, generator=generator, output_type="np").images
+        return run
 
-    sides = {"ours": (run_ours, timer_ours), "original": (run_theirs, timer_theirs)}
+    dpm_steps = args.dpm_steps or args.steps
+    chosen = {name: value for name, value in (
+        ("channels_last", args.channels_last), ("fuse_qkv", args.fuse_qkv), ("compile", args.compile),
+        ("prompt_cache", args.prompt_cache), ("scheduler", "dpm" if args.scheduler == "dpm" else None)) if value}
+    rows = {"original": (run_theirs, original.llm, original.sd.trans_block, original.sd.unet, original.sd.vae),
+            "ours": (runner(ours, args.steps), ours.text_encoder, None, ours.unet, ours.vae)}
+    variants = {(f"dpm {dpm_steps} steps" if name == "scheduler" else name): {name: value}
+                for name, value in chosen.items()}
+    if len(chosen) > 1:
+        variants["all"] = chosen
+    for name, options in variants.items():
+        variant = with_recipes(ours, compile_mode=args.compile_mode, **options)
+        steps = dpm_steps if "scheduler" in options else args.steps
+        rows[name] = (runner(variant, steps), variant.text_encoder, None, variant.unet, variant.vae)
+
+    timers = {}
+    for name, (_, text_encoder, bridge, unet, vae) in rows.items():
+        timer = timers[name] = PartTimer(device)
+        timer.watch("text encoder", text_encoder)
+        if bridge is not None:
+            timer.watch("text encoder", bridge)
+        timer.watch("unet", unet)
+        timer.watch("vae", vae, "decode")
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - start
+
+    first = {name: timed(row[0])[1] for name, row in rows.items()}  # warm-up: compilation, cache filling
     results, images = {}, {}
-    for fn, _ in sides.values():
-        fn()  # warm-up
     for _ in range(args.repeats):
-        for name, (fn, timer) in sides.items():  # alternate the two, so that load bursts hit both alike
-            timer.reset()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            images[name] = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total = time.perf_counter() - start
+        for name, row in rows.items():  # alternate the rows, so that load bursts hit them alike
+            timers[name].reset()
+            images[name], total = timed(row[0])
             if name not in results or total < results[name][0]:
-                results[name] = (total, dict(timer.totals))
+                results[name] = (total, dict(timers[name].totals))
 
     print(f"VisCPM-Paint, {args.size}px, {args.steps} steps, {args.images} images, CPM-Bee {args.dim}x{args.layers}, "
-          f"device {device}, threads {torch.get_num_threads()}, best of {args.repeats}")
-    header = f"{'':10} {'s/image':>9} {'text enc':>9} {'unet':>9} {'vae':>9} {'other':>9}"
+          f"device {device}, ours in {args.dtype}, threads {torch.get_num_threads()}, best of {args.repeats}")
+    header = (f"{'':16} {'s/image':>9} {'x orig':>7} {'x ours':>7} {'text enc':>9} {'unet':>7} {'vae':>7} "
+              f"{'other':>7} {'max diff':>9} {'1st call':>9}")
     print(header)
     print("-" * len(header))
     for name, (total, parts) in results.items():
         shares = [parts.get(part, 0.0) / total for part in ("text encoder", "unet", "vae")]
-        other = 1.0 - sum(shares)
-        print(f"{name:10} {total / args.images:9.4f} " + " ".join(f"{100 * s:8.1f}%" for s in shares)
-              + f" {100 * other:8.1f}%")
-    difference = abs(images["original"] - images["ours"]).max()
-    print(f"\nlargest pixel difference ours vs original: {difference:.2e}")
+        if name == "original":
+            diff = f"{abs(images['original'] - images['ours']).max():9.1e}"
+        elif name == "ours" or "scheduler" in variants.get(name, {}):
+            diff = f"{'-':>9}"
+        else:
+            diff = f"{abs(images[name] - images['ours']).max():9.1e}"
+        print(f"{name:16} {total / args.images:9.4f} {results['original'][0] / total:7.2f} "
+              f"{results['ours'][0] / total:7.2f} {100 * shares[0]:8.1f}% {100 * shares[1]:6.1f}% "
+              f"{100 * shares[2]:6.1f}% {100 * (1 - sum(shares)):6.1f}% {diff} {first[name]:8.2f}s")
+    print("\nx orig / x ours: speed-up over the original / our plain path; max diff: largest pixel difference from "
+          "our plain path\n(- : the plain path itself, or another sampler); 1st call: the untimed warm-up call.")
     print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

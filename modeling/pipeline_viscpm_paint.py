@@ -12,10 +12,19 @@ It draws the same images as the original VisCPM-Paint for the same weights, sett
   (a Chinese-CLIP model) that draws ``ranker_candidates`` images per requested image and keeps the one whose
   CLIP score against the prompt is highest.
 
+Speed: each call encodes its prompts and negatives in one text-encoder batch and draws every image (ranker
+candidates included) in one UNet batch; the ranker scores all candidates in one batch. The usual diffusers recipes
+keep the images within float tolerance of the plain path: ``pipe.unet.to(memory_format=torch.channels_last)`` (and
+the VAE), ``pipe.fuse_qkv_projections()``, ``pipe.unet = torch.compile(pipe.unet)``; attention runs through SDPA
+(diffusers' default processors). [`~VisCPMPaintPipeline.enable_prompt_cache`] (opt-in) reuses the text conditioning
+across calls that repeat a prompt.
+
 Only torch, transformers and diffusers are imported: the file also ships as remote code.
 """
 
 import inspect
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +35,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -50,7 +60,7 @@ class VisCPMPaintPipelineOutput(BaseOutput):
     prompt_refused: list[bool]
 
 
-class VisCPMPaintPipeline(DiffusionPipeline):
+class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""
     Text-to-image generation with VisCPM-Paint.
 
@@ -62,6 +72,9 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         safety_checker ([`StableDiffusionSafetyChecker`], *optional*) + feature_extractor (its image processor).
         prompt_checker (a `*ForSequenceClassification` model, *optional*) + prompt_checker_tokenizer.
         ranker (`ChineseCLIPModel` or any CLIP-like model with `logits_per_image`, *optional*) + ranker_processor.
+
+    From [`StableDiffusionMixin`]: `fuse_qkv_projections` / `unfuse_qkv_projections` (UNet and VAE) and
+    `enable_freeu` / `disable_freeu`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -116,6 +129,7 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         self.register_to_config(prompt_checker_threshold=prompt_checker_threshold, ranker_candidates=ranker_candidates)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._prompt_cache = None
 
     # ------------------------------------------------------------------ properties
 
@@ -142,9 +156,38 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         # Literal text: a "<" typed by the user is escaped rather than read as a CPM-Bee special token.
         return {"caption": text.replace("<", "<<"), "objects": ""}
 
+    def enable_prompt_cache(self, max_size: int = 32):
+        """Keep the text conditioning of the last ``max_size`` prompt batches, so that a call repeating a prompt and
+        its negative (same texts, device and dtype) skips the text encoder; the images stay exactly the same.
+
+        Opt-in, because a stale entry would silently draw the wrong images. The cache is emptied whenever the text
+        encoder or tokenizer is replaced, a weight or buffer of the encoder is replaced or edited in place, or its peft
+        adapters are added, switched, merged, disabled or rescaled; it is bypassed while a module is in training mode.
+        Edits through ``tensor.data`` bypass the version counters these checks read: call
+        [`clear_prompt_cache`] after them.
+        """
+        if max_size < 1:
+            raise ValueError(f"`max_size` must be at least 1, got {max_size}")
+        self._prompt_cache = _PromptCache(max_size)
+
+    def disable_prompt_cache(self):
+        """Stop caching text conditioning (and drop what was kept)."""
+        self._prompt_cache = None
+
+    def clear_prompt_cache(self):
+        """Drop the cached text conditioning (the cache stays on)."""
+        if self._prompt_cache is not None:
+            self._prompt_cache.entries.clear()
+
     @torch.no_grad()
     def _encode_texts(self, texts: list[str], device, min_length: int = 0) -> torch.Tensor:
         """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``)."""
+        cache, key = self._prompt_cache, None
+        if cache is not None and cache.validate(self.text_encoder, self.tokenizer):
+            key = (tuple(texts), min_length, torch.device(device))
+            if key in cache.entries:
+                cache.entries.move_to_end(key)
+                return cache.entries[key]
         inputs = self.tokenizer(
             [self._prompt_dict(text) for text in texts],
             return_tensors="pt",
@@ -154,8 +197,11 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         )
         keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub")
-        inputs = {key: inputs[key].to(device) for key in keys}
-        return self.text_encoder(**inputs).last_hidden_state
+        inputs = {name: inputs[name].to(device) for name in keys}
+        embeds = self.text_encoder(**inputs).last_hidden_state
+        if key is not None:
+            cache.put(key, embeds)
+        return embeds
 
     def encode_prompt(
         self,
@@ -171,7 +217,8 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         times per prompt; the negative one is None without guidance.
 
         Prompts and negative prompts are encoded in one batch, all padded to the longest, as the original pads
-        a prompt and its negative to the longer of the two.
+        a prompt and its negative to the longer of the two. With [`enable_prompt_cache`], a batch of texts seen
+        before is not encoded again.
         """
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -250,11 +297,14 @@ class VisCPMPaintPipeline(DiffusionPipeline):
         return images, flagged
 
     @torch.no_grad()
-    def rank(self, prompt: str, images: list[PIL.Image.Image], device=None) -> torch.Tensor:
-        """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``."""
+    def rank(self, prompt: str | list[str], images: list[PIL.Image.Image], device=None) -> torch.Tensor:
+        """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``: ``[len(images)]``; for a
+        list of prompts, ``[len(images), len(prompts)]`` (every image against every prompt, in one batch)."""
         device = device or self._execution_device
-        inputs = self.ranker_processor(text=[prompt], images=images, return_tensors="pt", padding=True)
-        return self.ranker(**inputs.to(device)).logits_per_image[:, 0].float().cpu()
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        inputs = self.ranker_processor(text=texts, images=images, return_tensors="pt", padding=True)
+        scores = self.ranker(**inputs.to(device)).logits_per_image.float().cpu()
+        return scores[:, 0] if isinstance(prompt, str) else scores
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                      num_images_per_prompt, callback_on_step_end_tensor_inputs):
@@ -456,13 +506,13 @@ class VisCPMPaintPipeline(DiffusionPipeline):
             decoded = self.decode_latents(images)
             decoded, nsfw = self.run_safety_checker(decoded, device, text_embeds.dtype)
             if use_ranker:
+                # One ranker batch; each requested image is the best of its own candidates against its prompt.
+                scores = self.rank(prompt_kept, self.numpy_to_pil(decoded), device)
                 chosen = []
-                pil = self.numpy_to_pil(decoded)
-                for p, index in enumerate(kept):
+                for p in range(len(kept)):
                     for k in range(per_prompt):
                         start = (p * per_prompt + k) * candidates
-                        scores = self.rank(prompts[index], pil[start:start + candidates], device)
-                        chosen.append(start + int(torch.argmax(scores)))
+                        chosen.append(start + int(torch.argmax(scores[start:start + candidates, p])))
                 decoded = decoded[chosen]
                 nsfw = [nsfw[i] for i in chosen]
             images = decoded
@@ -495,6 +545,48 @@ class VisCPMPaintPipeline(DiffusionPipeline):
                 full[index * per_prompt + k] = images[p * per_prompt + k]
                 flags[index * per_prompt + k] = nsfw[p * per_prompt + k]
         return full, flags
+
+
+class _PromptCache:
+    """Text conditionings by (texts, padded length, device), least recently used first out; every entry belongs to
+    the text encoder state recorded by the last `validate`."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.entries: OrderedDict = OrderedDict()
+        self._refs: list = []
+        self._signature = None
+
+    def validate(self, text_encoder, tokenizer) -> bool:
+        """Empty the cache if the text encoder changed since the entries were made; False: do not cache now."""
+        tensors, adapters = [], []
+        for name, module in text_encoder.named_modules(remove_duplicate=False):
+            if module.training:  # dropout: the conditioning is not a function of the texts
+                return False
+            tensors += module._parameters.values()
+            tensors += module._buffers.values()
+            if isinstance(getattr(module, "disable_adapters", None), bool):  # a peft layer or wrapper
+                adapters.append((name, tuple(module.active_adapters), module.disable_adapters,
+                                 tuple(getattr(module, "merged_adapters", ())),
+                                 repr(sorted(getattr(module, "scaling", {}).items()))))
+        tensors = [tensor for tensor in tensors if tensor is not None]
+        try:
+            versions = tuple((tensor._version, tensor.dtype, tensor.shape) for tensor in tensors)
+        except RuntimeError:  # inference tensors keep no version counter: edits could not be seen
+            return False
+        owners = [text_encoder, tokenizer, *tensors]
+        signature = (versions, tuple(adapters))
+        if signature != self._signature or len(owners) != len(self._refs) or any(
+                ref() is not owner for ref, owner in zip(self._refs, owners)):
+            self.entries.clear()
+            self._refs = [weakref.ref(owner) for owner in owners]
+            self._signature = signature
+        return True
+
+    def put(self, key, embeds: torch.Tensor):
+        self.entries[key] = embeds
+        while len(self.entries) > self.max_size:
+            self.entries.popitem(last=False)
 
 
 def _step_parameters(scheduler) -> set:

@@ -5,6 +5,7 @@ our converter (VAE, scheduler and UNet config from a tiny local "SD base" folder
 `VisCPMPaintPipeline` and compared in fp32 with the original's text states and images for the same generator.
 """
 
+import contextlib
 import copy
 import json
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils.torch_utils import randn_tensor
 from oracle import (
@@ -41,6 +43,7 @@ from conftest import PAINT_SIZE as SIZE
 from conftest import load_script, tiny_unet, tiny_vae, write_sd_base
 
 import viscpm  # noqa: F401  (registers the text encoder)
+from viscpm.adapters import lora_target_pattern
 from viscpm.convert import ConversionError
 from viscpm.convert_paint import convert_viscpm_paint_checkpoint
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
@@ -126,6 +129,21 @@ def _with_parts(pipe, **parts):
     clone = VisCPMPaintPipeline(**{**pipe.components, **parts})
     clone.set_progress_bar_config(disable=True)
     return clone
+
+
+@contextlib.contextmanager
+def _batches(module, name=None):
+    """The batch size of each forward call of ``module`` in the block (of its ``name`` argument, else the first)."""
+    sizes = []
+
+    def record(_, args, kwargs):
+        sizes.append((kwargs[name] if name else args[0]).shape[0])
+
+    handle = module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------- text encoder
@@ -290,6 +308,34 @@ def test_ranker_returns_the_best_candidate(paint, extras):
     for k in range(2):
         group = eight[4 * k: 4 * k + 4]
         assert np.array_equal(np.asarray(two[k]), np.asarray(group[int(pipe.rank(EN, group).argmax())]))
+
+
+def test_ranker_picks_per_prompt_and_image_in_one_batch(paint, extras):
+    """Two prompts × two images: the ranker runs once on all 16 candidates, and each image is its own group's best
+    against its own prompt (scores scripted so that another group's or prompt's column would pick another)."""
+    pipe = _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"])
+    candidates = _ours(pipe, [EN, ZH], num_images_per_prompt=8, use_ranker=False).images
+    best = {0: 1, 1: 3, 2: 0, 3: 2}  # group (prompt-major) -> its best candidate
+    scores = torch.zeros(16, 2)
+    for group, k in best.items():
+        prompt = group // 2
+        scores[4 * group + k, prompt] = 1.0
+        scores[4 * group + (k + 1) % 4, 1 - prompt] = 2.0  # the other prompt's column prefers another candidate
+
+    def scripted(module, args, kwargs, output):
+        assert kwargs["pixel_values"].shape[0] == 16 and kwargs["input_ids"].shape[0] == 2
+        output.logits_per_image = scores.clone()
+        return output
+
+    handle = pipe.ranker.register_forward_hook(scripted, with_kwargs=True)
+    try:
+        with _batches(pipe.ranker, "pixel_values") as calls:
+            got = _ours(pipe, [EN, ZH], num_images_per_prompt=2).images
+    finally:
+        handle.remove()
+    assert calls == [16]
+    expected = candidates[[4 * group + k for group, k in best.items()]]
+    assert np.array_equal(got, expected)
 
 
 def test_prompt_checker_refuses_flagged_prompts(paint, extras):
@@ -522,6 +568,200 @@ def test_converter_dtype(paint, tmp_path):
             assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}, part
     pipe = VisCPMPaintPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float16)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+def test_one_batch_per_part(paint, extras):
+    """One call: the text encoder runs once (negatives and prompts together), the UNet once per step on every image
+    and ranker candidate (times two for guidance), the ranker once."""
+    pipe = _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"])
+    with (_batches(pipe.text_encoder, "input_ids") as text, _batches(pipe.unet) as unet,
+          _batches(pipe.ranker, "pixel_values") as ranker):
+        _ours(pipe, [EN, ZH], negative_prompt=NEGATIVE, num_images_per_prompt=2)
+    assert text == [4]
+    assert unet == [2 * 2 * 2 * 4] * STEPS
+    assert ranker == [16]
+
+
+def _own_unet_and_vae(paint):
+    """The test pipeline with copies of its UNet and VAE (the recipes change them in place)."""
+    pipe = paint["pipe"]
+    return _with_parts(pipe, unet=copy.deepcopy(pipe.unet), vae=copy.deepcopy(pipe.vae))
+
+
+def test_attention_runs_through_sdpa(paint):
+    pipe = paint["pipe"]
+    for model in (pipe.unet, pipe.vae):
+        assert {type(processor) for processor in model.attn_processors.values()} == {AttnProcessor2_0}
+    assert pipe.text_encoder.config._attn_implementation == "sdpa"
+
+
+def test_channels_last_keeps_images(paint):
+    expected = _ours(paint["pipe"], EN, negative_prompt=NEGATIVE).images
+    pipe = _own_unet_and_vae(paint)
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    for conv in (pipe.unet.conv_in, pipe.vae.decoder.conv_in):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert np.abs(_ours(pipe, EN, negative_prompt=NEGATIVE).images - expected).max() <= ATOL
+
+
+def test_fused_qkv_keeps_images(paint):
+    expected = _ours(paint["pipe"], EN, negative_prompt=NEGATIVE).images
+    pipe = _own_unet_and_vae(paint)
+    pipe.fuse_qkv_projections()
+    for model in (pipe.unet, pipe.vae):
+        assert {type(processor) for processor in model.attn_processors.values()} == {FusedAttnProcessor2_0}
+    # Every fused projection runs (the VAE's encoder is not used for drawing), the cross-attention's too.
+    attention = [m for model in (pipe.unet, pipe.vae.decoder) for m in model.modules()
+                 if hasattr(m, "fuse_projections")]
+    fused = [m.to_kv if m.is_cross_attention else m.to_qkv for m in attention]
+    assert any(m.is_cross_attention for m in attention)
+    used = set()
+    handles = [linear.register_forward_hook(lambda module, *_: used.add(module)) for linear in fused]
+    try:
+        got = _ours(pipe, EN, negative_prompt=NEGATIVE).images
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(used) == len(fused) > 0
+    assert np.abs(got - expected).max() <= ATOL
+    pipe.unfuse_qkv_projections()
+    assert np.array_equal(_ours(pipe, EN, negative_prompt=NEGATIVE).images, expected)
+
+
+def test_compiled_unet(paint, tmp_path):
+    """``pipe.unet = torch.compile(pipe.unet, fullgraph=True)``: the pipeline reads the UNet's dtype and config through
+    the wrapper, the denoising loop is one graph with no recompilation per step, and `save_pretrained` stores the
+    plain UNet. The graph runs eagerly here (inductor on CPU takes over a minute even for this UNet);
+    ``benchmarks/bench_paint.py --compile`` measures the compiled one."""
+    expected = _ours(paint["pipe"], EN, negative_prompt=NEGATIVE).images
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    pipe = _own_unet_and_vae(paint)
+    torch._dynamo.reset()
+    try:
+        pipe.unet = torch.compile(pipe.unet, backend=backend, fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = _ours(pipe, EN, negative_prompt=NEGATIVE).images
+            again = _ours(pipe, EN, negative_prompt=NEGATIVE, output_type="latent").images
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert np.abs(got - expected).max() <= ATOL
+    assert again.shape == (1, 4, SIZE // 2, SIZE // 2)
+    pipe.save_pretrained(tmp_path)
+    loaded = VisCPMPaintPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.unet) is UNet2DConditionModel
+    assert np.abs(_ours(loaded, EN, negative_prompt=NEGATIVE).images - expected).max() <= ATOL
+
+
+def _conditioning(pipe, prompt=EN, negative=NEGATIVE):
+    embeds, negative_embeds = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, negative_prompt=negative)
+    return torch.cat([negative_embeds, embeds])
+
+
+def test_prompt_cache_hits_and_misses(paint):
+    pipe = _with_parts(paint["pipe"])
+    expected = _ours(pipe, EN, negative_prompt=NEGATIVE).images
+    expected_two = _ours(pipe, EN, negative_prompt=NEGATIVE, num_images_per_prompt=2).images
+    pipe.enable_prompt_cache(max_size=2)
+    with _batches(pipe.text_encoder, "input_ids") as calls:
+        first = _ours(pipe, EN, negative_prompt=NEGATIVE).images
+        assert len(calls) == 1
+        second = _ours(pipe, EN, negative_prompt=NEGATIVE, num_images_per_prompt=2).images  # same texts: a hit
+        assert len(calls) == 1
+        assert np.array_equal(first, expected) and np.array_equal(second, expected_two)
+        _ours(pipe, EN)  # another negative: another batch
+        assert len(calls) == 2
+        _conditioning(pipe, ZH)  # a third batch: the oldest (EN + NEGATIVE) goes
+        _conditioning(pipe, EN, None)
+        assert len(calls) == 3
+        _conditioning(pipe, EN, NEGATIVE)
+        assert len(calls) == 4
+        pipe.clear_prompt_cache()
+        _conditioning(pipe, EN, NEGATIVE)
+        assert len(calls) == 5
+        pipe.disable_prompt_cache()
+        _conditioning(pipe, EN, NEGATIVE)
+        _conditioning(pipe, EN, NEGATIVE)
+        assert len(calls) == 7
+    with pytest.raises(ValueError, match="max_size"):
+        pipe.enable_prompt_cache(max_size=0)
+
+
+def test_prompt_cache_follows_text_encoder_changes(paint):
+    """Every detectable change of the text encoder empties the cache: the next lookup recomputes, and what it gives is
+    the fresh conditioning (then cached again)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    pipe = _with_parts(paint["pipe"], text_encoder=copy.deepcopy(paint["pipe"].text_encoder))
+    fresh = _with_parts(pipe)  # the same modules, no cache
+    pipe.enable_prompt_cache()
+    encoder = pipe.text_encoder
+    base = _conditioning(fresh)
+    with _batches(encoder, "input_ids") as calls:
+
+        def check(changed: bool):
+            count = len(calls)
+            got = _conditioning(pipe)
+            assert len(calls) == count + 1  # recomputed
+            assert torch.equal(_conditioning(pipe), got) and len(calls) == count + 1  # then cached
+            assert torch.equal(got, _conditioning(fresh))
+            assert (not torch.allclose(got, base, atol=1e-5)) == changed
+
+        check(False)
+        with torch.no_grad():
+            encoder.layer_norm.weight.mul_(1.5)  # edited in place
+        check(True)
+        encoder.load_state_dict(paint["pipe"].text_encoder.state_dict())
+        check(False)
+        encoder.to(torch.float64)
+        check(False)
+        encoder.to(torch.float32)
+        check(False)
+
+        encoder.model.layers[0].train()  # a module in training mode: nothing is cached
+        count = len(calls)
+        _conditioning(pipe)
+        _conditioning(pipe)
+        assert len(calls) == count + 2
+        encoder.eval()
+
+        lora = dict(target_modules=lora_target_pattern(), r=2, init_lora_weights=False)
+        model = get_peft_model(encoder, LoraConfig(**lora), adapter_name="one")  # LoRA layers go into `encoder`
+        model.eval()  # (the new layers start in training mode)
+        check(True)
+        adapted = _conditioning(pipe)
+        with model.disable_adapter():
+            check(False)
+        model.add_adapter("two", LoraConfig(**lora))
+        model.set_adapter("two")
+        model.eval()
+        check(True)
+        assert not torch.allclose(_conditioning(pipe), adapted, atol=1e-5)
+        model.set_adapter("one")
+        check(True)
+        assert torch.equal(_conditioning(pipe), adapted)
+        model.merge_adapter()
+        check(True)
+        model.unmerge_adapter()
+        check(True)
+        for layer in encoder.modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_scale("one", 0.0)
+        check(False)
+
+        pipe.register_modules(tokenizer=copy.deepcopy(pipe.tokenizer))
+        check(False)
 
 
 # ---------------------------------------------------------------------------------------------- devices
