@@ -162,10 +162,13 @@ class CpmBeeStaticKV:
         values.index_copy_(2, slots, value)
         return keys, values
 
-    def reorder_cache(self, index: torch.Tensor) -> None:
+    def reorder_cache(self, index: torch.Tensor, start: int = 0) -> None:
+        """Keep the rows ``index`` of the written slots from ``start`` on (the slots before ``start`` must already
+        agree between each row and the row it takes)."""
         for buffer in (*self.keys, *self.values):
             if buffer is not None:
-                buffer.copy_(buffer.index_select(0, index.to(buffer.device)))
+                written = buffer[:, :, start:self.length]
+                written.copy_(written.index_select(0, index.to(buffer.device)))
 
 
 class CpmBeeStaticDecoder:
@@ -197,7 +200,7 @@ class CpmBeeStaticDecoder:
         """Record the prompt's slot metadata after its keys were written by a forward with ``cache=self.cache``."""
         device = self.device
         length, rows = self.cache.max_length, self.rows
-        self.cache.length = prompt_length
+        self.prompt_length = self.cache.length = prompt_length
         self.cache.position.fill_(prompt_length)
 
         def slots(prompt_part, fill):
@@ -280,8 +283,11 @@ class CpmBeeStaticDecoder:
         return logits.clone() if self.graph is not None else logits
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep the rows ``index`` (beam reordering), in place so a captured graph keeps its buffers."""
-        self.cache.reorder_cache(index)
+        """Keep the rows ``index`` (beam reordering), in place so a captured graph keeps its buffers.
+
+        Beams only ever take the place of beams of the same sample, whose prompt keys are the same, so only the
+        answer slots are copied: the cost of a reordering does not grow with the prompt."""
+        self.cache.reorder_cache(index, start=self.prompt_length)
         index = index.to(self.key_segment.device)
         for tensor in (self.key_segment, self.key_context, self.key_valid, self.segment_rel, self.ext_table_ids,
                        self.ext_table_sub):
@@ -461,15 +467,18 @@ def cpmbee_beam_search(
             break
 
         states = new_states
+        unchanged = reorder == list(range(rows))  # always so with one beam: nothing to move
         index = torch.tensor(reorder, device=device)
         beam_scores = torch.tensor(new_scores, device=device)
         next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
         next_segments = torch.tensor(segments, dtype=torch.long, device=device)
         fed = torch.cat([fed[index], base_ids(next_tokens[:, None], ext_table_ids, vocab_size)], dim=1)
         if decoder is not None:
-            decoder.reorder(index)
+            if not unchanged:
+                decoder.reorder(index)
             continue
-        cache.reorder_cache(index)
+        if not unchanged:
+            cache.reorder_cache(index)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
         segment_ids = torch.cat([segment_ids[index], next_segments[:, None]], dim=1)
         context_mask = torch.cat([context_mask, context_mask.new_zeros((rows, 1))], dim=1)

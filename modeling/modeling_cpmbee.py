@@ -77,13 +77,7 @@ class CpmBeeEmbedding(nn.Embedding):
         """Embeddings of ``input_ids`` (rotated by ``sub``), or, given ``hidden_states``, the tied output head
         ``h / sqrt(dim) @ E^T``: a call of this module either way, so offloading hooks load the weight."""
         if hidden_states is not None:
-            scaled = hidden_states / math.sqrt(self.embedding_dim)
-            rows = scaled.shape[0] * scaled.shape[1]
-            if scaled.device.type == "cpu" and 1 < rows <= 16:
-                # Decode steps of a few rows (beams, small batches): CPU BLAS computes E @ h^T several times
-                # faster than h @ E^T against the 86k-row embedding, which dominates the step.
-                return torch.mm(self.weight, scaled.reshape(rows, -1).t()).t().reshape(*scaled.shape[:2], -1)
-            return F.linear(scaled, self.weight)
+            return F.linear(hidden_states / math.sqrt(self.embedding_dim), self.weight)
         embeds = F.embedding(input_ids, self.weight) / math.sqrt(self.embedding_dim)
         if sub is None:
             return embeds

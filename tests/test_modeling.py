@@ -384,14 +384,15 @@ def test_loading_does_not_hold_a_second_copy(tmp_path):
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_static_decoder_steps_equal_dynamic_cache(pair, implementation):
     """The fixed-shape decode step gives the logits of the growing-cache forward, step after step, for a
-    left-padded batch with ext-table ids fed back in, including a beam reordering between steps."""
+    left-padded batch with ext-table ids fed back in, including a beam reordering between steps (between the
+    two rows of one prompt, as beams of one sample)."""
     from viscpm.modeling.generation_cpmbee import CpmBeeStaticDecoder
     from transformers.cache_utils import DynamicCache
 
     _, model, tokenizer, _ = pair
     model = copy.deepcopy(model)
     model.config._attn_implementation = implementation
-    inputs = _inputs(tokenizer, PROMPTS)
+    inputs = _inputs(tokenizer, [PROMPTS[0], PROMPTS[0], PROMPTS[2]])
     rows, prompt_len = inputs["input_ids"].shape
     meta = {key: inputs[key] for key in GENERATION_KEYS}
     cache = DynamicCache(config=model.config)
@@ -407,7 +408,7 @@ def test_static_decoder_steps_equal_dynamic_cache(pair, implementation):
             tokens = dynamic.argmax(-1)
             tokens[0] = vocab if inputs["ext_table_ids"].shape[-1] else tokens[0]  # an ext-table id as input
             if step == 2:
-                index = torch.tensor([1, 1, 0])
+                index = torch.tensor([1, 1, 2])  # row 0 continues row 1's answer
                 cache.reorder_cache(index)
                 decoder.reorder(index)
                 meta = {key: value[index] for key, value in meta.items()}
