@@ -149,18 +149,28 @@ class CpmBeeStaticKV:
         self.values = [None] * config.num_hidden_layers
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.length = 0  # the same count, kept on the host for the prompt step
+        self.fixed_shape = False  # set by the decoder once the prompt is in
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the new keys at ``position``. The prompt step may give one row per sample for several rows per
+        sample (beams): each row gets its sample's keys. It returns the written slots only; the decode steps
+        (``fixed_shape``) get the whole buffers."""
         if self.keys[layer_idx] is None:
             self.keys[layer_idx], self.values[layer_idx] = key.new_zeros(self.shape), value.new_zeros(self.shape)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        spread = keys.shape[0] // key.shape[0]
         slots = self.position.to(keys.device) + torch.arange(key.shape[-2], device=keys.device)
-        keys.index_copy_(2, slots, key)
-        values.index_copy_(2, slots, value)
-        return keys, values
+        keys.index_copy_(2, slots, key.repeat_interleave(spread, dim=0) if spread > 1 else key)
+        values.index_copy_(2, slots, value.repeat_interleave(spread, dim=0) if spread > 1 else value)
+        if self.fixed_shape:
+            return keys, values
+        if spread > 1:  # the prompt, one row per sample: it attends to itself only
+            return key, value
+        end = self.length + key.shape[-2]
+        return keys[:, :, :end], values[:, :, :end]
 
     def reorder_cache(self, index: torch.Tensor, start: int = 0) -> None:
         """Keep the rows ``index`` of the written slots from ``start`` on (the slots before ``start`` must already
@@ -202,6 +212,7 @@ class CpmBeeStaticDecoder:
         length, rows = self.cache.max_length, self.rows
         self.prompt_length = self.cache.length = prompt_length
         self.cache.position.fill_(prompt_length)
+        self.cache.fixed_shape = True
 
         def slots(prompt_part, fill):
             full = torch.full((rows, length), fill, dtype=torch.long, device=device)
@@ -356,9 +367,14 @@ def cpmbee_beam_search(
         return None if tensor is None else tensor.repeat_interleave(beam_size, dim=0)
 
     ones = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
-    attention_mask = expand(attention_mask if attention_mask is not None else ones)
-    segment_ids = expand(segment_ids if segment_ids is not None else ones * 0)
-    context_mask = expand(context_mask if context_mask is not None else ones)
+    prompt = dict(
+        attention_mask=attention_mask if attention_mask is not None else ones,
+        segment_ids=segment_ids if segment_ids is not None else ones * 0,
+        context_mask=context_mask if context_mask is not None else ones,
+        segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+    )
+    attention_mask, segment_ids, context_mask = (expand(prompt[key]) for key in ("attention_mask", "segment_ids",
+                                                                                 "context_mask"))
     segment_rel, ext_table_ids, ext_table_sub = expand(segment_rel), expand(ext_table_ids), expand(ext_table_sub)
     ext_size = 0 if ext_table_ids is None else ext_table_ids.shape[-1]
 
@@ -383,16 +399,16 @@ def cpmbee_beam_search(
         decoder = CpmBeeStaticDecoder(model, rows, -(-slots // STATIC_SLOTS_MULTIPLE) * STATIC_SLOTS_MULTIPLE,
                                       mode=decode_mode, device=device)
         cache = decoder.cache
+    # The beams of a sample share its prompt: prefill each sample once, then give every beam its keys.
     outputs = model(
-        input_ids=None if inputs_embeds is not None else expand(input_ids),
-        inputs_embeds=expand(inputs_embeds),
-        attention_mask=attention_mask, segment_ids=segment_ids, context_mask=context_mask,
-        segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, **prompt,
         cache=cache, use_cache=True, logits_to_keep=1,
     )
     cache = outputs.cache
-    logits = outputs.logits[:, -1].float()
-    if decoder is not None:
+    logits = expand(outputs.logits[:, -1].float())
+    if decoder is None:
+        cache.batch_repeat_interleave(beam_size)
+    else:
         decoder.start(prompt_len, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
                       ext_table_sub)
 
