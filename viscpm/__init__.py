@@ -6,7 +6,16 @@ Importing the package registers every model type with the transformers Auto clas
 runs VisCPM-Chat).
 """
 
-from transformers import (
+import logging
+
+# diffusers imports bitsandbytes whenever it is installed (the `quantization` extra). On CPUs with AVX512-BF16,
+# bitsandbytes then warns at import that an optional Hub kernel package is missing and falls back to its own CPU
+# kernel: a line on stderr before every command's output, about something the user did not ask for.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -16,7 +25,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .modeling import (
+from .modeling import (  # noqa: E402
     CpmBeeConfig,
     CpmBeeForCausalLM,
     CpmBeeModel,
@@ -32,9 +41,9 @@ from .modeling import (
     VisCPMVisionConfig,
     VisCPMVisionModel,
 )
-from .modeling.generation_cpmbee import cpmbee_beam_search
-from .chat import ChatResponse, VisCPMChat
-from .paint import VisCPMPaint
+from .modeling.generation_cpmbee import cpmbee_beam_search  # noqa: E402
+from .chat import ChatResponse, VisCPMChat  # noqa: E402
+from .paint import VisCPMPaint  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
