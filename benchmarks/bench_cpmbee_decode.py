@@ -301,7 +301,7 @@ def main():
                         help="our beam search's decode_mode(s) in the beam-search table")
     args = parser.parse_args()
 
-    from oracle import OriginalTokenizer, build_original_cpmbee  # noqa: E402  (patches the original for CPU)
+    from oracle import OriginalTokenizer, build_original_cpmbee, cast_original_cpmbee  # noqa: E402  (patches the original for CPU)
     from VisCPM.generation.vllm_bee import VLLMCPMBeeGeneration
 
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
@@ -315,15 +315,10 @@ def main():
     )
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    orig = build_original_cpmbee(args.seed, **original_config).to(dtype)
+    orig = cast_original_cpmbee(build_original_cpmbee(args.seed, **original_config), dtype)
     config = CpmBeeConfig.from_original(original_config)
     if dtype != torch.float32:
-        # Run the embedding rotation in the model dtype in both (the original's fp32 rotation would otherwise
-        # return fp32 activations into its fp16/bf16 layers).
-        for module in orig.modules():
-            if hasattr(module, "inv_freq") and hasattr(module, "dtype"):
-                module.dtype, module.inv_freq = dtype, module.inv_freq.to(dtype)
-        config.rotary_dtype = args.dtype
+        config.rotary_dtype = args.dtype  # the embedding rotation in the model dtype in both
     if args.attn is not None:
         config._attn_implementation = args.attn
     ours = CpmBeeForCausalLM(config).eval()

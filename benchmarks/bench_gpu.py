@@ -335,18 +335,9 @@ def randomize_(module, seed, skip_prefix=None, unscaled_matrices=False):
         param.copy_(value)
 
 
-def cast_original_llm(llm, dtype):
-    """The original CPM-Bee in ``dtype``, its rotary embedding too (as bench_cpmbee_decode.py does)."""
-    llm.to(dtype)
-    for module in llm.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "dtype"):
-            module.dtype, module.inv_freq = dtype, module.inv_freq.to(dtype)
-    return llm
-
-
 def build_original_chat(args, device, dtype):
     """The original `VLU_CPMBee` (BEiT-3 + CPM-Bee) built on ``device`` with random weights, ``</s>`` row zeroed."""
-    from oracle import OriginalConfig, OriginalCpmBee, OriginalTokenizer
+    from oracle import OriginalConfig, OriginalCpmBee, OriginalTokenizer, cast_original_cpmbee
     from torchscale.architecture.config import EncoderConfig
     from VisCPM.models.beit3 import BEiT3Wrapper
     from VisCPM.models.vlu_cpmbee import VLU_CPMBee
@@ -363,7 +354,7 @@ def build_original_chat(args, device, dtype):
     with torch.no_grad():
         vlu.llm.input_embedding.weight[OriginalTokenizer().eos_id].zero_()
     vlu.to(dtype)
-    cast_original_llm(vlu.llm, dtype)
+    cast_original_cpmbee(vlu.llm, dtype)
     return vlu.eval()
 
 

@@ -251,14 +251,7 @@ class CpmBeeStaticDecoder:
         embeds = inner.embed(self.tokens[:, None], self.ext_table_ids, self.ext_table_sub, validate=False)
         position_bias = position_bias.to(embeds.dtype)
         visible = (self.key_context | (self.slot_index <= position)) & self.key_valid
-        visible = visible[:, None, :]
-        additive_mask = None
-        if (inner.config._attn_implementation or "eager") != "eager":
-            additive_mask = position_bias.masked_fill(~visible[:, None], torch.finfo(position_bias.dtype).min)
-        hidden_states = embeds
-        for layer in inner.layers:
-            hidden_states = layer(hidden_states, position_bias, visible, additive_mask, cache=self.cache)
-        hidden_states = inner.norm(hidden_states)
+        hidden_states = inner.run_layers(embeds, position_bias, visible[:, None, :], cache=self.cache)
         logits = self.model.compute_logits(hidden_states, self.ext_table_ids, self.ext_table_sub)
         position.add_(1)
         return logits[:, -1]

@@ -416,24 +416,31 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             batch, q_len, past_len, segment_ids, context_mask, attention_mask, segment_rel,
             inputs_embeds.device, inputs_embeds.dtype,
         )
+        all_hidden_states = [] if output_hidden_states else None
+        hidden_states = self.run_layers(inputs_embeds, position_bias, visible, cache, use_cache, all_hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+    def run_layers(self, hidden_states, position_bias, visible, cache=None, use_cache=False,
+                   all_hidden_states: list | None = None) -> torch.Tensor:
+        """The decoder layers and the final norm, given the attention inputs of the queries (``[B, H, q, k]`` bias
+        and ``[B, q, k]`` visibility); the static decode step calls it too. Collects each layer's input and the
+        output into ``all_hidden_states`` when given."""
         additive_mask = None
         if (self.config._attn_implementation or "eager") != "eager":
             additive_mask = position_bias.masked_fill(~visible[:, None], torch.finfo(position_bias.dtype).min)
-
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
             hidden_states = layer(
                 hidden_states, position_bias, visible, additive_mask, cache=cache, use_cache=use_cache
             )
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
-        )
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+        return hidden_states
 
 
 class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):

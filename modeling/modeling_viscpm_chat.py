@@ -669,12 +669,12 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                 f"generate() got arguments the original beam search does not use: {unknown}; pass "
                 "original_beam_search=False for transformers' decoding loop"
             )
+        decode_mode = model_kwargs.pop("decode_mode", None) or getattr(config, "decode_mode", None) or "dynamic"
         answers, vision_hidden_states = self.cpmbee_beam_search(
             input_ids, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
             beam_size=config.num_beams, max_length=config.max_new_tokens,
             repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
-            temperature=temperature or 1.0,
-            decode_mode=model_kwargs.pop("decode_mode", getattr(config, "decode_mode", None) or "dynamic"),
+            temperature=temperature or 1.0, decode_mode=decode_mode,
             **{k: v for k, v in model_kwargs.items() if k not in ("use_cache", "attention_mask")},
             attention_mask=model_kwargs.get("attention_mask"),
         )

@@ -185,9 +185,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         cache, key = self._prompt_cache, None
         if cache is not None and cache.validate(self.text_encoder, self.tokenizer):
             key = (tuple(texts), min_length, torch.device(device))
-            if key in cache.entries:
-                cache.entries.move_to_end(key)
-                return cache.entries[key]
+            if (embeds := cache.get(key)) is not None:
+                return embeds
         inputs = self.tokenizer(
             [self._prompt_dict(text) for text in texts],
             return_tensors="pt",
@@ -582,6 +581,12 @@ class _PromptCache:
             self._refs = [weakref.ref(owner) for owner in owners]
             self._signature = signature
         return True
+
+    def get(self, key) -> torch.Tensor | None:
+        embeds = self.entries.get(key)
+        if embeds is not None:
+            self.entries.move_to_end(key)
+        return embeds
 
     def put(self, key, embeds: torch.Tensor):
         self.entries[key] = embeds

@@ -69,6 +69,16 @@ def build_original_cpmbee(seed: int = 0, **overrides) -> "OriginalCpmBee":
     return model.eval()
 
 
+def cast_original_cpmbee(llm, dtype):
+    """The original CPM-Bee in ``dtype``, its embedding rotation too (left in fp32, it would feed fp32 activations
+    into fp16/bf16 layers)."""
+    llm.to(dtype)
+    for module in llm.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "dtype"):
+            module.dtype, module.inv_freq = dtype, module.inv_freq.to(dtype)
+    return llm
+
+
 def original_prompt(datas):
     """The original's batched generation inputs for structured dicts: (model_inputs, other_info)."""
     import copy
