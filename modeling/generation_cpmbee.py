@@ -14,6 +14,8 @@ The standard ``model.generate()`` (greedy, sampling, transformers' beam search) 
 pieces are what VisCPM-Chat uses to give the same answer as the original for the same checkpoint.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -100,37 +102,74 @@ class CpmBeeRepetitionPenaltyLogitsProcessor(LogitsProcessor):
         return apply_answer_repetition_penalty(scores, answer, self.penalty)
 
 
-class _Hypotheses:
-    """Finished answers of one sample, the best ``size`` kept, scored ``sum_logprob / len ** length_penalty``."""
-
-    def __init__(self, size: int, length_penalty: float):
-        self.size = size
-        self.length_penalty = length_penalty
-        self.items: list[tuple[float, list]] = []
-        self.worst = 1e9
-
-    def add(self, tokens: list, sum_logprob: float) -> None:
-        score = sum_logprob / len(tokens) ** self.length_penalty
-        if len(self.items) < self.size or score > self.worst:
-            self.items.append((score, tokens))
-            if len(self.items) > self.size:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(self.items))
-                del self.items[ranked[0][1]]
-                self.worst = ranked[1][0]
-            else:
-                self.worst = min(score, self.worst)
-
-    def is_done(self, best_sum_logprob: float, step: int) -> bool:
-        if len(self.items) < self.size:
-            return False
-        return self.worst >= best_sum_logprob / step**self.length_penalty
-
-    def best(self) -> list:
-        return max(self.items, key=lambda item: item[0])[1]
-
-
 DECODE_MODES = ("dynamic", "static", "compile", "cuda_graph")
 STATIC_SLOTS_MULTIPLE = 128
+# The per-token inputs of the prompt (besides the ids or embeddings), in the order decoders take them.
+PROMPT_KEYS = ("attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids", "ext_table_sub")
+
+
+class CpmBeeDecoder:
+    """A decode back-end of `cpmbee_beam_search`: ``prefill`` writes the prompt into ``cache`` once per sample and
+    lays out ``beam_size`` rows per sample, ``step`` feeds one token per row and returns its logits, ``reorder``
+    makes row ``i`` continue row ``index[i]`` (a beam taking another beam's place)."""
+
+    model = None
+    cache = None
+
+    def prefill(self, prompt: dict, beam_size: int) -> torch.Tensor:
+        """``prompt``: ``input_ids`` or ``inputs_embeds`` and the `PROMPT_KEYS` tensors, one row per sample (the
+        beams of a sample share its prompt). Returns the last prompt position's logits, one row per beam."""
+        outputs = self.model(**prompt, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self._spread(beam_size)
+        rows = [None if prompt[key] is None else prompt[key].repeat_interleave(beam_size, dim=0) for key in PROMPT_KEYS]
+        self.start(prompt["attention_mask"].shape[1], *rows)
+        return outputs.logits[:, -1].float().repeat_interleave(beam_size, dim=0)
+
+    def _spread(self, beam_size: int) -> None:
+        """Give every beam its sample's prompt keys."""
+
+    def start(self, prompt_length, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
+              ext_table_sub) -> None:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reorder(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class CpmBeeDynamicDecoder(CpmBeeDecoder):
+    """The reference back-end: a growing `DynamicCache`, and per-token inputs that grow by one column per step."""
+
+    def __init__(self, model, rows: int):
+        self.model = model
+        self.rows = rows
+        self.cache = DynamicCache(config=model.config)
+
+    def _spread(self, beam_size: int) -> None:
+        self.cache.batch_repeat_interleave(beam_size)
+
+    def start(self, prompt_length, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
+              ext_table_sub) -> None:
+        self.attention_mask, self.segment_ids, self.context_mask = attention_mask, segment_ids, context_mask
+        self.fixed = dict(segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub)
+
+    def step(self, tokens: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        # A fed token is attended (not padding), continues its answer segment, and is not context.
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.rows, 1))], dim=1)
+        self.segment_ids = torch.cat([self.segment_ids, segments[:, None]], dim=1)
+        self.context_mask = torch.cat([self.context_mask, self.context_mask.new_zeros((self.rows, 1))], dim=1)
+        outputs = self.model(
+            input_ids=tokens[:, None], attention_mask=self.attention_mask, segment_ids=self.segment_ids,
+            context_mask=self.context_mask, **self.fixed, cache=self.cache, use_cache=True,
+        )
+        return outputs.logits[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        # Rows only take the place of rows of the same sample: padding and context flags agree already.
+        self.cache.reorder_cache(index)
+        self.segment_ids = self.segment_ids[index]
 
 
 class CpmBeeStaticKV:
@@ -181,7 +220,7 @@ class CpmBeeStaticKV:
                 written.copy_(written.index_select(0, index.to(buffer.device)))
 
 
-class CpmBeeStaticDecoder:
+class CpmBeeStaticDecoder(CpmBeeDecoder):
     """The single-token decode step of `cpmbee_beam_search` with every tensor shape fixed for the whole answer.
 
     Keys live in `CpmBeeStaticKV`; each step writes slot ``position`` and attends to all ``max_length`` slots,
@@ -299,6 +338,181 @@ class CpmBeeStaticDecoder:
                 tensor.copy_(tensor.index_select(0, index))
 
 
+# -- the original beam search ------------------------------------------------------------------------------------
+
+
+class _Hypotheses:
+    """Finished answers of one sample, the best ``size`` kept, scored ``sum_logprob / len ** length_penalty``.
+
+    An item is ``(score, tokens, rows)``: the generated ``(raw id, answer slot)`` pairs and, per token, the row
+    (``sample * beam_size + beam``) it was chosen from."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size = size
+        self.length_penalty = length_penalty
+        self.items: list[tuple[float, list, list]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list, rows: list, sum_logprob: float) -> None:
+        score = sum_logprob / len(tokens) ** self.length_penalty
+        if len(self.items) < self.size or score > self.worst:
+            self.items.append((score, tokens, rows))
+            if len(self.items) > self.size:
+                ranked = sorted((item[0], i) for i, item in enumerate(self.items))
+                del self.items[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprob: float, step: int) -> bool:
+        if len(self.items) < self.size:
+            return False
+        return self.worst >= best_sum_logprob / step**self.length_penalty
+
+    def ranked(self) -> list[tuple[float, list, list]]:
+        """The items, best first (ties keep the order they were found in)."""
+        return sorted(self.items, key=lambda item: -item[0])
+
+
+@dataclass
+class _Beam:
+    """A live beam: the answer slot it is filling, its tokens so far and the rows they were chosen from."""
+
+    slot: int = 0
+    tokens: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+
+@dataclass
+class _Selection:
+    """The next step's rows: row ``i`` continues row ``index[i]`` with ``tokens[i]`` (in answer segment
+    ``segments[i]``), at beam score ``scores[i]``."""
+
+    index: list[int]
+    scores: list[float]
+    tokens: list[int]
+    segments: list[int]
+
+
+class _SearchState:
+    """Per-sample bookkeeping of the original beam search: live beams, finished hypotheses, done flags."""
+
+    def __init__(self, answer_segments: list[list[int]], beam_size: int, length_penalty: float, eos: int, bos: int,
+                 pad: int):
+        self.answer_segments = answer_segments
+        self.beam_size = beam_size
+        self.eos, self.bos, self.pad = eos, bos, pad
+        self.beams = [[_Beam() for _ in range(beam_size)] for _ in answer_segments]
+        self.hypotheses = [_Hypotheses(beam_size, length_penalty) for _ in answer_segments]
+        self.done = [False] * len(answer_segments)
+
+
+def select_candidates(state: _SearchState, top_scores: list, top_ids: list, width: int, step: int,
+                      final: bool) -> _Selection | None:
+    """The original's choice of next beams, from each sample's top ``2 * beam_size`` candidates (``top_scores`` /
+    ``top_ids``: per sample, best first; an id is ``beam * width + token``).
+
+    A candidate that closes the last answer slot with ``</s>`` (or any candidate at the ``final`` step) becomes a
+    finished hypothesis; ``</s>`` in an earlier slot continues with ``<s>`` in the next slot's segment; otherwise
+    the token continues the beam's slot. The first ``beam_size`` continuing candidates are kept. A sample is done
+    once no live beam can beat its worst kept hypothesis; its rows then feed padding. Returns None at the final
+    step (nothing continues)."""
+    beam_size, selection, new_beams = state.beam_size, _Selection([], [], [], []), []
+    for sample, (scores, ids) in enumerate(zip(top_scores, top_ids)):
+        hypotheses = state.hypotheses[sample]
+        state.done[sample] = state.done[sample] or hypotheses.is_done(max(scores), step)
+        if state.done[sample]:
+            rows = range(sample * beam_size, (sample + 1) * beam_size)
+            _extend(selection, rows, [0.0] * beam_size, [state.pad] * beam_size, [0] * beam_size)
+            new_beams.append([_Beam() for _ in range(beam_size)])
+            continue
+        slots, chosen = state.answer_segments[sample], []
+        for flat_id, value in zip(ids, scores):
+            beam, word = divmod(flat_id, width)
+            live, row = state.beams[sample][beam], sample * beam_size + beam
+            tokens, rows = live.tokens + [(word, live.slot)], live.rows + [row]
+            if final or (word == state.eos and live.slot + 1 == len(slots)):
+                hypotheses.add(tokens, rows, value)
+                continue
+            slot, token = (live.slot + 1, state.bos) if word == state.eos else (live.slot, word)
+            chosen.append((_Beam(slot, tokens, rows), value, row, token, slots[slot]))
+            if len(chosen) == beam_size:
+                break
+        if final:
+            continue
+        new_beams.append([item[0] for item in chosen])
+        _extend(selection, *([item[i] for item in chosen] for i in (2, 1, 3, 4)))
+    if final:
+        return None
+    state.beams = new_beams
+    return selection
+
+
+def _extend(selection: _Selection, index, scores, tokens, segments) -> None:
+    selection.index.extend(index)
+    selection.scores.extend(scores)
+    selection.tokens.extend(tokens)
+    selection.segments.extend(segments)
+
+
+def _vocab_rule_mask(config, rows: int, beam_size: int, ext_size: int, ext_table_mask, unk_allowed, device):
+    """``[rows, vocab + ext]``, True where the original's vocabulary rule forbids a token: ``<unk>`` unless the
+    sample's input had an out-of-vocabulary piece, and ext-table entries of other samples."""
+    mask = torch.zeros((rows, config.vocab_size + ext_size), dtype=torch.bool, device=device)
+    if unk_allowed is not None:
+        mask[:, config.unk_token_id] = ~unk_allowed.bool().to(device).repeat_interleave(beam_size, dim=0)
+    else:
+        mask[:, config.unk_token_id] = True
+    if ext_size and ext_table_mask is not None:
+        mask[:, config.vocab_size:] = ~ext_table_mask.bool().to(device).repeat_interleave(beam_size, dim=0)
+    return mask
+
+
+def _make_decoder(model, decode_mode: str, rows: int, prompt_length: int, last_step: int, device) -> CpmBeeDecoder:
+    if decode_mode == "dynamic":
+        return CpmBeeDynamicDecoder(model, rows)
+    # At most `last_step` tokens are fed after the prompt. Rounding the buffers up lets prompts of similar length
+    # share one compiled step (a compiled step is specialised to its shapes).
+    slots = prompt_length + last_step + 1
+    slots = -(-slots // STATIC_SLOTS_MULTIPLE) * STATIC_SLOTS_MULTIPLE
+    return CpmBeeStaticDecoder(model, rows, slots, mode=decode_mode, device=device)
+
+
+def run_beam_search(decoder: CpmBeeDecoder, prompt: dict, state: _SearchState, vocab_mask: torch.Tensor,
+                    ext_table_ids, last_step: int, repetition_penalty: float, temperature: float,
+                    vocab_size: int) -> None:
+    """The original's search loop over ``decoder``: from the prefilled prompt, up to ``last_step + 1`` tokens per
+    answer. Each step masks the vocabulary rule, applies the repetition penalty over the answer so far (its ``<s>``
+    included), divides by the temperature, adds the beam scores to the log-probabilities and selects the next
+    beams (see `select_candidates`). The finished answers end up in ``state.hypotheses``."""
+    beam_size, rows = state.beam_size, vocab_mask.shape[0]
+    device = vocab_mask.device
+    logits = decoder.prefill(prompt, beam_size)
+    fed = torch.full((rows, 1), state.bos, dtype=torch.long, device=device)  # answer tokens fed (base ids)
+    beam_scores = torch.zeros((rows // beam_size, beam_size), device=device)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    for step in range(last_step + 1):
+        if step > 0:
+            logits = decoder.step(tokens, segments).float()
+        if all(state.done):
+            break
+        logits = apply_answer_repetition_penalty(logits.masked_fill(vocab_mask, MASKED_LOGIT), fed, repetition_penalty)
+        candidates = (F.log_softmax(logits / temperature, dim=-1) + beam_scores[:, None]).view(len(state.done), -1)
+        top_scores, top_ids = torch.topk(candidates, 2 * beam_size, dim=1, largest=True, sorted=True)
+        selection = select_candidates(state, top_scores.tolist(), top_ids.tolist(), logits.shape[-1], step,
+                                      final=step == last_step)
+        if selection is None:
+            break
+        index = torch.tensor(selection.index, device=device)
+        beam_scores = torch.tensor(selection.scores, device=device)
+        tokens = torch.tensor(selection.tokens, dtype=torch.long, device=device)
+        segments = torch.tensor(selection.segments, dtype=torch.long, device=device)
+        fed = torch.cat([fed[index], base_ids(tokens[:, None], ext_table_ids, vocab_size)], dim=1)
+        if selection.index != list(range(rows)):  # always unchanged with one beam: nothing to move
+            decoder.reorder(index)
+
+
 @torch.no_grad()
 def cpmbee_beam_search(
     model,
@@ -319,7 +533,6 @@ def cpmbee_beam_search(
     length_penalty: float = 1.0,
     temperature: float = 1.0,
     decode_mode: str = "dynamic",
-    **unused,
 ) -> list[list[list[int]]]:
     """The original CPM-Bee beam search over a `CpmBeeForCausalLM` (or a model exposing the same forward).
 
@@ -343,174 +556,52 @@ def cpmbee_beam_search(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     config = model.config
-    vocab_size, eos, bos = config.vocab_size, config.eos_token_id, config.bos_token_id
-    batch, prompt_len = input_ids.shape
+    batch, prompt_length = input_ids.shape
     device = input_ids.device
     if answer_segments is None:
-        if segment_ids is None:
-            answer_segments = [[0]] * batch
-        else:
-            answer_segments = [[int(s)] for s in segment_ids[:, -1].tolist()]
+        segments = [0] * batch if segment_ids is None else segment_ids[:, -1].tolist()
+        answer_segments = [[int(segment)] for segment in segments]
     if len(answer_segments) != batch or any(len(slots) == 0 for slots in answer_segments):
         raise ValueError("answer_segments needs a non-empty list of segment ids for every sample")
-    max_length += 1
-    rows = batch * beam_size
-
-    def expand(tensor):
-        return None if tensor is None else tensor.repeat_interleave(beam_size, dim=0)
-
-    ones = torch.ones((batch, prompt_len), dtype=torch.long, device=device)
+    ones = torch.ones((batch, prompt_length), dtype=torch.long, device=device)
     prompt = dict(
-        attention_mask=attention_mask if attention_mask is not None else ones,
-        segment_ids=segment_ids if segment_ids is not None else ones * 0,
-        context_mask=context_mask if context_mask is not None else ones,
+        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+        attention_mask=ones if attention_mask is None else attention_mask,
+        segment_ids=ones * 0 if segment_ids is None else segment_ids,
+        context_mask=ones if context_mask is None else context_mask,
         segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
     )
-    attention_mask, segment_ids, context_mask = (expand(prompt[key]) for key in ("attention_mask", "segment_ids",
-                                                                                 "context_mask"))
-    segment_rel, ext_table_ids, ext_table_sub = expand(segment_rel), expand(ext_table_ids), expand(ext_table_sub)
-    ext_size = 0 if ext_table_ids is None else ext_table_ids.shape[-1]
+    rows, ext_size = batch * beam_size, 0 if ext_table_ids is None else ext_table_ids.shape[-1]
+    vocab_mask = _vocab_rule_mask(config, rows, beam_size, ext_size, ext_table_mask, unk_allowed, device)
+    state = _SearchState(answer_segments, beam_size, length_penalty, config.eos_token_id, config.bos_token_id,
+                         config.pad_token_id)
+    # The original counts `max_length + 1` answer tokens and closes every beam one step later.
+    last_step = max_length + 1
+    decoder = _make_decoder(model, decode_mode, rows, prompt_length, last_step, device)
+    row_ext_ids = None if ext_table_ids is None else ext_table_ids.repeat_interleave(beam_size, dim=0)
+    run_beam_search(decoder, prompt, state, vocab_mask, row_ext_ids, last_step, repetition_penalty, temperature,
+                    config.vocab_size)
+    return [_answer_slots(hypotheses.ranked()[0][1], len(slots), state.eos)
+            for hypotheses, slots in zip(state.hypotheses, answer_segments)]
 
-    # The original's vocabulary rule, as one additive row per beam.
-    vocab_mask = torch.zeros((rows, vocab_size + ext_size), device=device)
-    unk_ok = expand(unk_allowed.bool()).to(device) if unk_allowed is not None else torch.zeros(
-        rows, dtype=torch.bool, device=device)
-    vocab_mask[:, config.unk_token_id] = (~unk_ok).float()
-    if ext_size:
-        own = expand(ext_table_mask.bool()) if ext_table_mask is not None else torch.ones(
-            (rows, ext_size), dtype=torch.bool, device=device)
-        vocab_mask[:, vocab_size:] = (~own.to(device)).float()
-    masked_positions = vocab_mask.bool()
 
-    decoder = None
-    if decode_mode == "dynamic":
-        cache = DynamicCache(config=config)
-    else:
-        # The loop below feeds at most max_length + 1 tokens after the prompt. Rounding the buffers up lets prompts
-        # of similar length share one compiled step (a compiled step is specialised to its shapes).
-        slots = prompt_len + max_length + 1
-        decoder = CpmBeeStaticDecoder(model, rows, -(-slots // STATIC_SLOTS_MULTIPLE) * STATIC_SLOTS_MULTIPLE,
-                                      mode=decode_mode, device=device)
-        cache = decoder.cache
-    # The beams of a sample share its prompt: prefill each sample once, then give every beam its keys.
-    outputs = model(
-        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds, **prompt,
-        cache=cache, use_cache=True, logits_to_keep=1,
-    )
-    cache = outputs.cache
-    logits = expand(outputs.logits[:, -1].float())
-    if decoder is None:
-        cache.batch_repeat_interleave(beam_size)
-    else:
-        decoder.start(prompt_len, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
-                      ext_table_sub)
-
-    fed = torch.full((rows, 1), bos, dtype=torch.long, device=device)  # answer tokens fed so far (base ids)
-    beam_scores = torch.zeros((batch, beam_size), device=device)
-    beam_scores[:, 1:] = -1e9
-    beam_scores = beam_scores.view(-1)
-    hypotheses = [_Hypotheses(beam_size, length_penalty) for _ in range(batch)]
-    done = [False] * batch
-    states = [[{"slot": 0, "tokens": []} for _ in range(beam_size)] for _ in range(batch)]
-
-    next_tokens = None
-    for step in range(max_length + 1):
-        if step > 0 and decoder is not None:
-            logits = decoder.step(next_tokens, next_segments).float()
-        elif step > 0:
-            outputs = model(
-                input_ids=next_tokens[:, None], attention_mask=attention_mask, segment_ids=segment_ids,
-                context_mask=context_mask, segment_rel=segment_rel, ext_table_ids=ext_table_ids,
-                ext_table_sub=ext_table_sub, cache=cache, use_cache=True,
-            )
-            cache = outputs.cache
-            logits = outputs.logits[:, -1].float()
-        if all(done):
-            break
-
-        logits = logits.masked_fill(masked_positions, MASKED_LOGIT)
-        logits = apply_answer_repetition_penalty(logits, fed, repetition_penalty)
-        scores = F.log_softmax(logits / temperature, dim=-1)
-        width = scores.shape[-1]
-        candidates = (scores + beam_scores[:, None]).view(batch, -1)
-        top_scores, top_ids = torch.topk(candidates, 2 * beam_size, dim=1, largest=True, sorted=True)
-        top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
-
-        reorder, new_scores, new_states, tokens, segments = [], [], [], [], []
-        for sample in range(batch):
-            done[sample] = done[sample] or hypotheses[sample].is_done(max(top_scores[sample]), step)
-            if done[sample]:
-                for beam in range(beam_size):
-                    reorder.append(sample * beam_size + beam)
-                    new_scores.append(0.0)
-                    tokens.append(config.pad_token_id)
-                    segments.append(0)
-                new_states.append([{"slot": 0, "tokens": []}] * beam_size)
-                continue
-            slots = answer_segments[sample]
-            chosen = []
-            for flat_id, value in zip(top_ids[sample], top_scores[sample]):
-                beam, word = divmod(flat_id, width)
-                state = states[sample][beam]
-                answer = state["tokens"] + [(word, state["slot"])]
-                if (word == eos and state["slot"] + 1 == len(slots)) or step == max_length:
-                    hypotheses[sample].add(answer, value)
-                    continue
-                if word == eos:
-                    chosen.append(({"slot": state["slot"] + 1, "tokens": answer}, value, beam, bos,
-                                   slots[state["slot"] + 1]))
-                else:
-                    chosen.append(({"slot": state["slot"], "tokens": answer}, value, beam, word,
-                                   slots[state["slot"]]))
-                if len(chosen) == beam_size:
-                    break
-            if step == max_length:
-                continue
-            new_states.append([item[0] for item in chosen])
-            for _, value, beam, token, segment in chosen:
-                reorder.append(sample * beam_size + beam)
-                new_scores.append(value)
-                tokens.append(token)
-                segments.append(segment)
-        if step == max_length:
-            break
-
-        states = new_states
-        unchanged = reorder == list(range(rows))  # always so with one beam: nothing to move
-        index = torch.tensor(reorder, device=device)
-        beam_scores = torch.tensor(new_scores, device=device)
-        next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
-        next_segments = torch.tensor(segments, dtype=torch.long, device=device)
-        fed = torch.cat([fed[index], base_ids(next_tokens[:, None], ext_table_ids, vocab_size)], dim=1)
-        if decoder is not None:
-            if not unchanged:
-                decoder.reorder(index)
-            continue
-        if not unchanged:
-            cache.reorder_cache(index)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((rows, 1))], dim=1)
-        segment_ids = torch.cat([segment_ids[index], next_segments[:, None]], dim=1)
-        context_mask = torch.cat([context_mask, context_mask.new_zeros((rows, 1))], dim=1)
-
-    results = []
-    for sample in range(batch):
-        best = hypotheses[sample].best()
-        per_slot = [[] for _ in answer_segments[sample]]
-        for word, slot in best:
-            per_slot[slot].append(word)
-        for slot_tokens in per_slot:
-            if slot_tokens and slot_tokens[-1] == eos:
-                slot_tokens.pop()
-        results.append(per_slot)
-    return results
+def _answer_slots(tokens: list, count: int, eos: int) -> list[list[int]]:
+    """``(raw id, slot)`` pairs to one id list per answer slot, each without its closing ``</s>``."""
+    per_slot = [[] for _ in range(count)]
+    for word, slot in tokens:
+        per_slot[slot].append(word)
+    return [slot[:-1] if slot and slot[-1] == eos else slot for slot in per_slot]
 
 
 __all__ = [
     "add_vocab_rule",
+    "CpmBeeDecoder",
+    "CpmBeeDynamicDecoder",
     "CpmBeeStaticDecoder",
     "CpmBeeStaticKV",
     "CpmBeeRepetitionPenaltyLogitsProcessor",
     "CpmBeeVocabMaskLogitsProcessor",
     "apply_answer_repetition_penalty",
     "cpmbee_beam_search",
+    "select_candidates",
 ]
