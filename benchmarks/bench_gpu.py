@@ -14,7 +14,7 @@ Sections (each under its own time budget and ``try/except``: a failure becomes t
    the embedding, so ``</s>`` gets logit 0 and is never among the best candidates): every run decodes the same
    number of tokens, reported as generated. The original's own loop (`VLLMCPMBeeBeamSearch.generate`, as its
    `chat()` calls it: temperature 0.7, repetition penalty 1.1, length penalty 3) at beam 1 and 3, against
-   `model.cpmbee_beam_search(..., decode_mode=M)` for each decode mode, plus batch 8 at beam 1 (greedy; the
+   `model.original_beam_search(..., decode_mode=M)` for each decode mode, plus batch 8 at beam 1 (greedy; the
    original takes one image per call). Decode tokens/s = (tokens - 1 per row) / (time from the end of the call's
    prompt prefill to its end), after one warm-up call (for "compile" a full-length one, so the timed call reuses
    the compiled step; per-call set-up such as a CUDA-graph capture is counted). The first-token latency
@@ -445,10 +445,15 @@ def ours_last_logits(model, processor, pixels, question, device):
     return outputs.logits[0, -1]
 
 
+def original_decoding(model):
+    """The model's original VisCPM-Chat beam search (named `cpmbee_beam_search` in earlier versions)."""
+    return getattr(model, "original_beam_search", None) or model.cpmbee_beam_search
+
+
 def ours_beam_search(model, processor, pixels, questions, device, **settings):
-    """Raw answer ids per sample (first answer slot) of our `cpmbee_beam_search` with the image."""
+    """Raw answer ids per sample (first answer slot) of our original VisCPM-Chat beam search with the image."""
     inputs = processor(text=list(questions), context=[""] * len(questions), return_tensors="pt").to(device)
-    answers, _ = model.cpmbee_beam_search(**inputs, pixel_values=pixels, **settings)
+    answers, _ = original_decoding(model)(**inputs, pixel_values=pixels, **settings)
     return [answer[0] for answer in answers]
 
 
@@ -572,14 +577,14 @@ def section_chat(args, table, budget, state):
         state["mem_chat_original"] = (tensor_bytes(vlu) + original_peak) / 1e9
 
     # Ours, every decode mode; "compile" last (its first call compiles).
-    has_modes = "decode_mode" in inspect.signature(model.cpmbee_beam_search).parameters
+    has_modes = "decode_mode" in inspect.signature(original_decoding(model)).parameters
     order = ("dynamic", "static", "cuda_graph", "compile")
     for mode in order:
         for shape in ("beam1", "beam3", "batch8"):
             key = f"chat_{shape}_{mode}"
             beams, rows = (1, 8) if shape == "batch8" else (int(shape[-1]), 1)
             if mode != "dynamic" and not has_modes:
-                table.set(key, ours="n/a: cpmbee_beam_search has no decode_mode argument yet")
+                table.set(key, ours="n/a: this version's beam search has no decode_mode argument yet")
                 continue
             if mode == "cuda_graph" and torch.device(device).type != "cuda":
                 table.set(key, ours="n/a: CUDA graphs need a CUDA device")

@@ -15,7 +15,6 @@ The vision states are computed once per prompt (the prefill step) and can be han
 
 from collections.abc import Callable
 import copy
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -418,7 +417,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     Inputs are those of `CpmBeeForCausalLM` (the tokenizer's `segment_ids`, `context_mask`, `segment_rel` and ext
     table) plus `pixel_values`, or the `vision_hidden_states` of an earlier turn, and `image_bound`.
-    `generate()` supports greedy search, sampling and beam search; [`cpmbee_beam_search`] runs the original
+    `generate()` supports greedy search, sampling and beam search; [`original_beam_search`] runs the original
     VisCPM beam search, which is what gives the original's answers.
     """
 
@@ -623,7 +622,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
         The default generation config is the original `chat()`'s (beam 3, temperature 0.7 as ``beam_temperature``,
         repetition penalty 1.1, length penalty 3, ``max_new_tokens=512`` as the original's ``max_length``) with
-        ``original_beam_search=True``: then search without sampling runs [`cpmbee_beam_search`], so `generate()`
+        ``original_beam_search=True``: then search without sampling runs [`original_beam_search`], so `generate()`
         and `pipeline("image-text-to-text")` give the original's answers. Set ``original_beam_search=False`` for
         transformers' own greedy/beam search (and for streaming); sampling always uses transformers' loop.
         ``decode_mode`` (argument or generation-config attribute) picks how the original beam search runs its
@@ -645,8 +644,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                     f"{', '.join(unsupported)} need transformers' decoding loop: pass original_beam_search=False "
                     "(or do_sample=True)"
                 )
-            return self._generate_original(inputs, config, kwargs_temperature, ext_table_mask, unk_allowed,
-                                           **model_kwargs)
+            return self._generate_with_original_beam_search(inputs, config, kwargs_temperature, ext_table_mask,
+                                                            unk_allowed, model_kwargs)
         if model_kwargs.pop("decode_mode", "dynamic") not in ("dynamic", None):
             raise ValueError("decode_mode applies to the original beam search (original_beam_search=True without "
                              "sampling); transformers' loop takes cache_implementation instead")
@@ -657,26 +656,27 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         return super().generate(inputs, generation_config=config, logits_processor=logits_processor,
                                 **model_kwargs)
 
-    def _generate_original(self, inputs, config, temperature, ext_table_mask, unk_allowed, input_ids=None,
-                           return_dict_in_generate=None, **model_kwargs):
-        input_ids = inputs if input_ids is None else input_ids
+    def _generate_with_original_beam_search(self, inputs, config, temperature, ext_table_mask, unk_allowed,
+                                            model_kwargs: dict):
+        """`generate()` through [`original_beam_search`]: ``model_kwargs`` may hold only the model inputs it reads
+        (`ORIGINAL_BEAM_SEARCH_INPUTS`), ``use_cache`` and ``decode_mode``."""
+        model_kwargs = dict(model_kwargs)
+        input_ids = model_kwargs.pop("input_ids", inputs)
         if input_ids is None:
             raise ValueError("the original beam search needs `input_ids` (the processor's output)")
-        known = set(inspect.signature(self.cpmbee_beam_search).parameters) | {"use_cache"}
-        unknown = sorted(set(model_kwargs) - known)
+        model_kwargs.pop("use_cache", None)  # it always decodes with a cache
+        decode_mode = model_kwargs.pop("decode_mode", None) or getattr(config, "decode_mode", None) or "dynamic"
+        unknown = sorted(set(model_kwargs) - set(ORIGINAL_BEAM_SEARCH_INPUTS))
         if unknown:
             raise ValueError(
                 f"generate() got arguments the original beam search does not use: {unknown}; pass "
                 "original_beam_search=False for transformers' decoding loop"
             )
-        decode_mode = model_kwargs.pop("decode_mode", None) or getattr(config, "decode_mode", None) or "dynamic"
-        answers, vision_hidden_states = self.cpmbee_beam_search(
-            input_ids, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
+        answers, vision_hidden_states = self.original_beam_search(
+            input_ids, **model_kwargs, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
             beam_size=config.num_beams, max_length=config.max_new_tokens,
             repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
             temperature=temperature or 1.0, decode_mode=decode_mode,
-            **{k: v for k, v in model_kwargs.items() if k not in ("use_cache", "attention_mask")},
-            attention_mask=model_kwargs.get("attention_mask"),
         )
         eos, pad = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
         rows = [[token for slot in answer for token in (*slot, eos)] for answer in answers]
@@ -684,12 +684,12 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         new = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long,
                            device=input_ids.device)
         sequences = torch.cat([input_ids, new], dim=1)
-        if return_dict_in_generate or config.return_dict_in_generate:
+        if config.return_dict_in_generate:
             return VisCPMChatGenerateOutput(sequences=sequences, vision_hidden_states=vision_hidden_states)
         return sequences
 
     @torch.no_grad()
-    def cpmbee_beam_search(
+    def original_beam_search(
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
@@ -710,10 +710,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         length_penalty: float = 1.0,
         temperature: float = 1.0,
         decode_mode: str = "dynamic",
-        **unused,
     ) -> tuple[list[list[list[int]]], torch.Tensor | None]:
-        """The original VisCPM-Chat beam search (see [`~generation_cpmbee.cpmbee_beam_search`]) over a prompt
-        with an image: the image slots are filled once, then CPM-Bee decodes from those embeddings.
+        """The original VisCPM-Chat decoding: its beam search (see [`~generation_cpmbee.cpmbee_beam_search`]) over
+        a prompt with an image, the image slots filled once before CPM-Bee decodes from those embeddings.
 
         Returns ``(answers, vision_hidden_states)``: per sample, the raw token ids of each answer slot (decode them
         with the tokenizer), and the mapped vision states to pass back in a later turn."""
@@ -747,6 +746,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             decode_mode=decode_mode,
         )
         return answers, vision_hidden_states
+
+
+# The model inputs `original_beam_search` reads (besides `input_ids` and the vocabulary rule's masks).
+ORIGINAL_BEAM_SEARCH_INPUTS = (
+    "pixel_values", "vision_hidden_states", "image_bound", "attention_mask", "segment_ids", "context_mask",
+    "segment_rel", "ext_table_ids", "ext_table_sub", "answer_segments",
+)
 
 
 __all__ = [

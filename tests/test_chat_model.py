@@ -55,7 +55,7 @@ def _encode(tokenizer, datas):
 def _our_answer(model, tokenizer, question, context="", **image):
     data = _prompt(question, context)
     inputs = _encode(tokenizer, [data])
-    answers, vision = model.cpmbee_beam_search(**inputs, **image, **CHAT)
+    answers, vision = model.original_beam_search(**inputs, **image, **CHAT)
     return tokenizer.decode_answers(data, answers[0])["<ans>"], vision
 
 
@@ -205,7 +205,7 @@ def test_beam_one_and_early_endings_match_original(chat):
         for beams in (1, 3):
             settings = {**CHAT, "beam_size": beams}
             expected, _ = original_chat_generate(v, pixels[0], data["question"], **settings)
-            answers, _ = m.cpmbee_beam_search(**_encode(tokenizer, [data]), pixel_values=pixels, **settings)
+            answers, _ = m.original_beam_search(**_encode(tokenizer, [data]), pixel_values=pixels, **settings)
             assert tokenizer.decode_answers(data, answers[0])["<ans>"] == expected, (eos_embedding is None, beams)
             ended_early |= len(answers[0][0]) < CHAT["max_length"]
     assert ended_early
