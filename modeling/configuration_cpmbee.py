@@ -26,7 +26,6 @@ class CpmBeeConfig(PretrainedConfig):
         rotary_dtype (`str`, defaults to `"float16"`): dtype in which that rotation is computed. The released
             checkpoints were trained with it in float16; a model converted from a float32 original uses
             `"float32"`. Matching it is what makes the ext-table embeddings equal the original's.
-        max_segment_depth (`int`, defaults to 8): depth cap of the segment-relation buckets.
         dropout (`float`, defaults to 0.0): dropout on attention probabilities and block outputs (training).
     """
 
@@ -50,9 +49,7 @@ class CpmBeeConfig(PretrainedConfig):
         rotary_distance_scale: int = 16,
         rotary_base: float = 10000.0,
         rotary_dtype: str = "float16",
-        max_segment_depth: int = 8,
         dropout: float = 0.0,
-        initializer_range: float = 0.02,
         use_cache: bool = True,
         pad_token_id: int = 0,
         unk_token_id: int = 1,
@@ -77,9 +74,7 @@ class CpmBeeConfig(PretrainedConfig):
         self.rotary_distance_scale = rotary_distance_scale
         self.rotary_base = rotary_base
         self.rotary_dtype = rotary_dtype
-        self.max_segment_depth = max_segment_depth
         self.dropout = dropout
-        self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.unk_token_id = unk_token_id
         kwargs.setdefault("tie_word_embeddings", False)

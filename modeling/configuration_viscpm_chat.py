@@ -1,6 +1,7 @@
 """Configurations of VisCPM-Chat: the BEiT-3 vision encoder and the composite multimodal model."""
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 from .configuration_cpmbee import CpmBeeConfig
 
@@ -25,7 +26,8 @@ class VisCPMVisionConfig(PretrainedConfig):
         max_query_positions (`int`, defaults to 1024): rows of the query part's position table
             (`max_source_positions`); query positions are numbered from 2, as the original does.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm (`layernorm_eps`).
-        hidden_act (`str`, defaults to `"gelu"`): FFN activation (exact, erf-based GELU).
+        hidden_act (`str`, defaults to `"gelu"`): FFN activation, a key of `transformers.activations.ACT2FN`
+            (`"gelu"` is the exact, erf-based GELU of the released model).
         initializer_range (`float`, defaults to 0.02): std of the random init of a fresh model.
     """
 
@@ -52,6 +54,8 @@ class VisCPMVisionConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
+        if hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {hidden_act!r} is not an activation of transformers (ACT2FN): use e.g. 'gelu'")
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
         self.hidden_size = hidden_size

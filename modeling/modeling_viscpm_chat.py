@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -182,17 +183,19 @@ class VisCPMVisionAttention(nn.Module):
 
 
 class VisCPMVisionMLP(nn.Module):
-    """``fc2(norm(gelu(fc1(x))))``: BEiT-3's sub-LN feed-forward; the GELU is computed in float32."""
+    """``fc2(norm(act(fc1(x))))``: BEiT-3's sub-LN feed-forward; the activation (``config.hidden_act``, GELU in
+    the released model) is computed in float32."""
 
     def __init__(self, config: VisCPMVisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
         self.inner_norm = nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)
-        hidden_states = F.gelu(hidden_states.float()).to(hidden_states.dtype)
+        hidden_states = self.act(hidden_states.float()).to(hidden_states.dtype)
         return self.fc2(self.inner_norm(hidden_states))
 
 
