@@ -14,6 +14,8 @@ The standard ``model.generate()`` (greedy, sampling, transformers' beam search) 
 pieces are what VisCPM-Chat uses to give the same answer as the original for the same checkpoint.
 """
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,148 @@ def _rows(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
     if num_rows % tensor.shape[0]:
         raise ValueError(f"cannot spread {tensor.shape[0]} samples over {num_rows} rows")
     return tensor.repeat_interleave(num_rows // tensor.shape[0], dim=0)
+
+
+# -- argument checks: a bad generation argument is a clear error here, not a failure deep inside torch -------------
+
+
+def check_count(value, name: str) -> None:
+    """``value`` must be a whole number >= 1 (``None`` means the default)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number >= 1, got {type(value).__name__} {value!r}: pass e.g. "
+                        f"{name}={_count_example(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _count_example(value) -> int:
+    try:
+        return max(1, int(float(value)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def check_real(value, name: str, minimum: float, inclusive: bool, why: str = "") -> None:
+    """``value`` must be a finite real number above ``minimum`` (or equal to it when ``inclusive``); ``None`` means
+    the default. ``why`` is added to the message of an out-of-range value."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < minimum or (value == minimum and not inclusive):
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value}{why}")
+
+
+TEMPERATURE_ZERO = (
+    ": the temperature divides the logits; a temperature of 0 is not a setting but a division by zero. The original "
+    "beam search is deterministic at any temperature (1.0 leaves the logits as they are); for the single most likely "
+    "token at each step use num_beams=1"
+)
+
+
+def check_original_settings(beam_size, max_length, repetition_penalty, length_penalty, temperature,
+                            names: dict | None = None) -> None:
+    """The settings of the original beam search (``names`` maps them to the caller's argument names)."""
+    names = {"beam_size": "beam_size", "max_length": "max_length", "repetition_penalty": "repetition_penalty",
+             "length_penalty": "length_penalty", "temperature": "temperature", **(names or {})}
+    check_count(beam_size, names["beam_size"])
+    check_count(max_length, names["max_length"])
+    check_real(repetition_penalty, names["repetition_penalty"], 1.0, inclusive=True,
+               why=" (the original's penalty divides positive logits of repeated tokens by it; 1.0 is no penalty)")
+    check_real(length_penalty, names["length_penalty"], -math.inf, inclusive=False)
+    check_real(temperature, names["temperature"], 0.0, inclusive=False,
+               why=TEMPERATURE_ZERO if temperature == 0 else "")
+
+
+def check_generation_config(config, kwargs: dict, original: bool, temperature=None) -> None:
+    """The settings ``generate(**kwargs)`` is about to run with: ``kwargs`` over ``config`` (checked before
+    ``config.update(**kwargs)``, which compares them with numbers). ``original``: they go to the original beam
+    search, which reads ``temperature`` (given separately: it may come from ``beam_temperature``) and the original's
+    length argument ``original_max_length``."""
+
+    def value(name):
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    for name in ("num_beams", "max_new_tokens", "max_length", "num_return_sequences"):
+        check_count(value(name), name)
+    if original:
+        check_original_settings(value("num_beams"), value("original_max_length"), value("repetition_penalty"),
+                                value("length_penalty"), temperature,
+                                names={"beam_size": "num_beams", "max_length": "original_max_length"})
+        return
+    check_real(value("repetition_penalty"), "repetition_penalty", 0.0, inclusive=False)
+    check_real(value("length_penalty"), "length_penalty", -math.inf, inclusive=False)
+    if value("do_sample"):
+        temperature = value("temperature")
+        check_real(temperature, "temperature", 0.0, inclusive=False,
+                   why=" (for the most likely tokens, use do_sample=False)" if temperature == 0 else "")
+
+
+def check_input_tensors(inputs: dict) -> None:
+    """Tensors given to ``generate()`` must hold values: a meta tensor (a shape without data) is refused by name."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            raise ValueError(f"{name} is a meta tensor (a shape without values): pass the real tensor, e.g. the "
+                             "processor's or tokenizer's output")
+
+
+def check_static_buffers(model, rows: int, length: int, device: torch.device, mode: str) -> None:
+    """Refuse the static decoder's key/value buffers (``rows`` x ``length`` slots in every layer) before allocating
+    them, when they exceed the memory this process can get on ``device``."""
+    config = model.config
+    itemsize = model.dtype.itemsize if model.dtype.is_floating_point else 4
+    need = 2 * config.num_hidden_layers * rows * config.num_attention_heads * length * config.head_dim * itemsize
+    need += 4 * rows * length * 8  # the per-slot segment, context, padding and relation rows
+    have, where = _memory_limit(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"decode_mode={mode!r} preallocates key/value buffers for {rows} rows x {length} positions: "
+            f"{need / 1e9:.1f} GB, more than {where} ({have / 1e9:.1f} GB). Lower the answer length limit "
+            "(max_new_tokens / max_length), or use decode_mode='dynamic', whose cache grows with the answer"
+        )
+
+
+def _memory_limit(device: torch.device) -> tuple[int | None, str]:
+    """The bytes this process can still allocate on ``device`` and what limits them (None where unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"the free memory of {device}"
+    if device.type != "cpu":
+        return None, ""
+    limits = []
+    meminfo = _proc_fields("/proc/meminfo")
+    if "MemAvailable" in meminfo:
+        limits.append((meminfo["MemAvailable"], "the available system memory"))
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            used = _proc_fields("/proc/self/status").get("VmSize", 0)
+            limits.append((max(soft - used, 0), "what the process's address-space limit (RLIMIT_AS) leaves"))
+    except ImportError:  # not on this platform
+        pass
+    return min(limits) if limits else (None, "")
+
+
+def _proc_fields(path: str) -> dict[str, int]:
+    """``Name: <n> kB`` lines of a /proc file, in bytes (empty where the file does not exist)."""
+    fields = {}
+    try:
+        with open(path, encoding="ascii") as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return fields
 
 
 class CpmBeeVocabMaskLogitsProcessor(LogitsProcessor):
@@ -90,8 +234,7 @@ class CpmBeeRepetitionPenaltyLogitsProcessor(LogitsProcessor):
     """The original's repetition penalty: only the answer so far (from the prompt's final ``<s>``) counts."""
 
     def __init__(self, penalty: float, prompt_length: int, vocab_size: int, ext_table_ids=None):
-        if penalty < 1.0:
-            raise ValueError(f"repetition_penalty must be >= 1, got {penalty}")
+        check_real(penalty, "repetition_penalty", 1.0, inclusive=True)
         self.penalty = penalty
         self.start = prompt_length - 1
         self.vocab_size = vocab_size
@@ -237,6 +380,7 @@ class CpmBeeStaticDecoder(CpmBeeDecoder):
         device = torch.device(device) if device is not None else model.device
         if mode == "cuda_graph" and device.type != "cuda":
             raise ValueError("decode_mode='cuda_graph' needs the model on a CUDA device; use 'static' or 'compile'")
+        check_static_buffers(model, rows, max_length, device, mode)
         self.model = model
         self.mode = mode
         self.rows = rows
@@ -549,12 +693,7 @@ def cpmbee_beam_search(
     """
     if decode_mode not in DECODE_MODES:
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
-    if repetition_penalty < 1.0:
-        raise ValueError(f"repetition_penalty must be >= 1, got {repetition_penalty}")
-    if beam_size < 1 or max_length < 1:
-        raise ValueError(f"beam_size and max_length must be at least 1, got {beam_size} and {max_length}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_original_settings(beam_size, max_length, repetition_penalty, length_penalty, temperature)
     config = model.config
     batch, prompt_length = input_ids.shape
     device = input_ids.device

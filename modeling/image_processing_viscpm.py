@@ -226,6 +226,8 @@ class VisCPMImageProcessor(BaseImageProcessor):
             image = load_image_file(image)
         elif isinstance(image, torch.Tensor):
             # torch images are channels-first by convention (torchvision); float tensors are [0, 1].
+            if image.is_meta:
+                raise ValueError("the image is a meta tensor (a shape without values): pass the image's data")
             array = image.detach().cpu()
             if array.dtype in (torch.bfloat16, torch.float16):
                 array = array.float()

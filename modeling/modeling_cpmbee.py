@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_cpmbee import CpmBeeConfig
-from .generation_cpmbee import add_vocab_rule
+from .generation_cpmbee import add_vocab_rule, check_generation_config, check_input_tensors
 
 
 class CpmBeeRMSNorm(nn.Module):
@@ -573,6 +573,10 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         """`GenerationMixin.generate`, plus the original's vocabulary rule when the tokenizer's
         ``ext_table_mask``/``unk_allowed`` are passed: a row may only produce its own ext-table entries,
         and ``<unk>`` only when its input had an out-of-vocabulary piece."""
+        check_generation_config(
+            generation_config if generation_config is not None else self.generation_config, kwargs, original=False
+        )
+        check_input_tensors({"inputs": inputs, **kwargs})
         logits_processor = add_vocab_rule(logits_processor, self.config, ext_table_mask, unk_allowed)
         return super().generate(
             inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs

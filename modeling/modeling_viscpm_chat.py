@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
-from .generation_cpmbee import add_vocab_rule, cpmbee_beam_search
+from .generation_cpmbee import add_vocab_rule, check_generation_config, check_input_tensors, cpmbee_beam_search
 from .modeling_cpmbee import CpmBeeForCausalLM
 
 # BEiT-3 numbers positions from 2 (a fairseq convention); rows 0 and 1 of both position tables are never used.
@@ -357,6 +357,21 @@ def find_image_bound(
     return torch.tensor(bounds, dtype=torch.long, device=input_ids.device)
 
 
+def check_image_inputs(**tensors) -> None:
+    """Image inputs must hold finite values: NaN or infinite pixels or vision states would decode into nothing."""
+    fixes = {
+        "pixel_values": "check the image, and prepare it with the model's image processor",
+        "vision_hidden_states": "pass the states an earlier call returned (`vision_hidden_states` of its output)",
+    }
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.is_meta:
+            raise ValueError(f"{name} is a meta tensor (a shape without values): {fixes[name]}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contain NaN or infinite values: {fixes[name]}")
+
+
 @dataclass
 class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
@@ -503,6 +518,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         embeds = self.language_model.model.embed(input_ids, ext_table_ids, ext_table_sub)
         if vision_hidden_states is None and pixel_values is None:
             return embeds, None
+        if not torch.compiler.is_compiling():  # a host sync on the prompt step; traced graphs carry no checks
+            check_image_inputs(pixel_values=pixel_values, vision_hidden_states=vision_hidden_states)
         if vision_hidden_states is None:
             vision_hidden_states = self.get_vision_hidden_states(pixel_values)
         vision_hidden_states = vision_hidden_states.to(device=embeds.device, dtype=embeds.dtype)
@@ -632,14 +649,22 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         decode steps: ``"dynamic"`` (default), ``"static"``, ``"compile"`` or ``"cuda_graph"`` (see
         [`~generation_cpmbee.CpmBeeStaticDecoder`]). Returns the prompt followed by each answer and its ``</s>``,
         right-padded.
+
+        Arguments are checked before any work: counts must be whole numbers >= 1, temperature and penalties finite,
+        image inputs finite and not meta tensors. ``temperature=0`` is an error, not greedy decoding: the original
+        beam search divides the logits by the temperature (and is deterministic at any temperature).
         """
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         if "temperature" not in kwargs and getattr(config, "beam_temperature", None) is not None:
             kwargs_temperature = config.beam_temperature
         else:
             kwargs_temperature = kwargs.get("temperature", config.temperature)
+        original = kwargs.get("original_beam_search", getattr(config, "original_beam_search", False))
+        original = original and not kwargs.get("do_sample", config.do_sample)
+        check_generation_config(config, kwargs, original, temperature=kwargs_temperature)
+        check_input_tensors({"inputs": inputs, **kwargs})
         model_kwargs = config.update(**kwargs)
-        if getattr(config, "original_beam_search", False) and not config.do_sample:
+        if original:
             unsupported = [name for name in ("streamer", "stopping_criteria", "prefix_allowed_tokens_fn")
                            if model_kwargs.get(name) is not None] + (["logits_processor"] if logits_processor else [])
             if unsupported:
@@ -679,7 +704,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             input_ids, **model_kwargs, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
             beam_size=config.num_beams, max_length=config.max_new_tokens,
             repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
-            temperature=temperature or 1.0, decode_mode=decode_mode,
+            temperature=1.0 if temperature is None else temperature, decode_mode=decode_mode,
         )
         eos, pad = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
         rows = [[token for slot in answer for token in (*slot, eos)] for answer in answers]
