@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["viscpm", "viscpm.modeling", "viscpm.conversion"],
+    packages=["viscpm", "viscpm.adapters", "viscpm.apps", "viscpm.modeling", "viscpm.conversion"],
     package_dir={"viscpm": "viscpm", "viscpm.modeling": "modeling", "viscpm.conversion": "conversion"},
     install_requires=[
         "torch>=2.4",
@@ -52,5 +52,5 @@ setup(
             "playwright>=1.50",
         ],
     },
-    entry_points={"console_scripts": ["viscpm=viscpm.cli:main"]},
+    entry_points={"console_scripts": ["viscpm=viscpm.apps.cli:main"]},
 )

@@ -64,7 +64,7 @@ def main():
     from VisCPM.utils.utils import build_transform
 
     from viscpm import VisCPMChat
-    from viscpm.convert_chat import convert_viscpm_chat_checkpoint
+    from viscpm.conversion.convert_viscpm_chat import convert_viscpm_chat_checkpoint
 
     torch.set_num_threads(DEFAULT_THREADS)
     vlu = build_original_vlu(seed=0, vision_overrides=VISION, **LLM)

@@ -47,7 +47,7 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 def to_ours(state_dict):
     """The original's weights under our names (the converter's mapping)."""
-    from viscpm.convert import convert_cpmbee_state_dict
+    from viscpm.conversion.convert_cpmbee import convert_cpmbee_state_dict
 
     converted, unmapped = convert_cpmbee_state_dict(state_dict, "")
     assert not unmapped, unmapped
@@ -304,8 +304,10 @@ def main():
     from oracle import OriginalTokenizer, build_original_cpmbee, cast_original_cpmbee  # noqa: E402  (patches the original for CPU)
     from VisCPM.generation.vllm_bee import VLLMCPMBeeGeneration
 
+    from viscpm import CpmBeeForCausalLM
+    from viscpm.conversion.convert_cpmbee import cpmbee_config_from_original
+
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
-    from viscpm import CpmBeeConfig, CpmBeeForCausalLM
     dtype = getattr(torch, args.dtype)
     heads = max(1, args.dim // 64)
     original_config = dict(
@@ -316,7 +318,7 @@ def main():
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     orig = cast_original_cpmbee(build_original_cpmbee(args.seed, **original_config), dtype)
-    config = CpmBeeConfig.from_original(original_config)
+    config = cpmbee_config_from_original(original_config)
     if dtype != torch.float32:
         config.rotary_dtype = args.dtype  # the embedding rotation in the model dtype in both
     if args.attn is not None:

@@ -361,7 +361,7 @@ def build_original_chat(args, device, dtype):
 def ours_chat_from(vlu, args, dtype):
     """Our Chat model over the original's tensors (converted names, same storage)."""
     from viscpm import VisCPMChatForConditionalGeneration
-    from viscpm.convert_chat import build_chat_config, convert_chat_state_dict
+    from viscpm.conversion.convert_viscpm_chat import build_chat_config, convert_chat_state_dict
 
     config = build_chat_config(llm_config=llm_config(args), vision_config=vision_config(args), query_num=QUERY_NUM)
     config.text_config.rotary_dtype = rotary_name(dtype)
@@ -518,10 +518,11 @@ def section_bandwidth(args, table, budget, state):
     bandwidth = 2 * nbytes * iterations / seconds
     src = dst = None
 
-    from viscpm import CpmBeeConfig, CpmBeeForCausalLM
+    from viscpm import CpmBeeForCausalLM
+    from viscpm.conversion.convert_cpmbee import cpmbee_config_from_original
 
     with torch.device("meta"):
-        params = sum(p.numel() for p in CpmBeeForCausalLM(CpmBeeConfig.from_original(llm_config(args))).parameters())
+        params = sum(p.numel() for p in CpmBeeForCausalLM(cpmbee_config_from_original(llm_config(args))).parameters())
     state["decode_limit"] = bandwidth / (2 * params)
     hardware = "n/a: hardware figure"
     table.set("copy_bandwidth", ours=hardware, original=hardware, limit=bandwidth / 1e9,
@@ -626,9 +627,10 @@ def section_paint(args, table, budget, state):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
     from oracle import VOCAB_FILE, build_original_paint, original_paint_inputs, original_paint_state_dict
 
-    from viscpm import CpmBeeConfig, CpmBeeTokenizer, VisCPMPaintPipeline, VisCPMPaintTextEncoder
+    from viscpm import CpmBeeTokenizer, VisCPMPaintPipeline, VisCPMPaintTextEncoder
+    from viscpm.conversion.convert_cpmbee import cpmbee_config_from_original
     from viscpm import VisCPMPaintTextEncoderConfig
-    from viscpm.convert_paint import convert_paint_state_dict
+    from viscpm.conversion.convert_viscpm_paint import convert_paint_state_dict
 
     device, dtype, steps, size = args.device, args.dtype_t, args.paint_steps, args.size
     cuda = torch.device(device).type == "cuda"
@@ -640,7 +642,7 @@ def section_paint(args, table, budget, state):
     original.sd.to(device)
 
     text_state, _, _ = convert_paint_state_dict(original_paint_state_dict(original))  # ours copies the UNet below
-    text_config = CpmBeeConfig.from_original(llm_config(args))
+    text_config = cpmbee_config_from_original(llm_config(args))
     text_config.rotary_dtype = rotary_name(dtype)
     config = VisCPMPaintTextEncoderConfig(text_config=text_config, projection_dim=unet.config.cross_attention_dim)
     with torch.device("meta"):
@@ -798,7 +800,7 @@ def section_memory(args, table, budget, state):
     from transformers import BitsAndBytesConfig
 
     from viscpm import VisCPMChatForConditionalGeneration
-    from viscpm.convert_chat import build_chat_config
+    from viscpm.conversion.convert_viscpm_chat import build_chat_config
 
     dtype = args.dtype_t
     config = build_chat_config(llm_config=llm_config(args), vision_config=vision_config(args), query_num=QUERY_NUM)

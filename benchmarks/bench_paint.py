@@ -90,7 +90,7 @@ def build(args, workdir):
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
     from oracle import TINY_ORIGINAL_CONFIG, VOCAB_FILE, build_original_cpmbee, build_original_paint, original_paint_state_dict
 
-    from viscpm.convert_paint import convert_viscpm_paint_checkpoint
+    from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
     from viscpm.modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
 
     torch.manual_seed(args.seed)

@@ -67,7 +67,7 @@ def make_prompt(prompt: str, question: str) -> dict:
 
 
 def find_vocab(vocab_file: str | None) -> str:
-    from viscpm.convert import default_vocab_file
+    from viscpm.conversion.common import default_vocab_file
 
     vocab = vocab_file or default_vocab_file()
     if vocab is None:
@@ -85,7 +85,7 @@ def build_tiny_model(output_dir: str, vocab_file: str, seed: int) -> Path:
     import torch
 
     from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
-    from viscpm.convert import ConversionError, atomic_output_dir
+    from viscpm.conversion.common import ConversionError, atomic_output_dir
 
     output = Path(output_dir)
     config_file = output / "config.json"

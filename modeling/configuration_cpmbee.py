@@ -82,38 +82,5 @@ class CpmBeeConfig(PretrainedConfig):
             pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs
         )
 
-    @classmethod
-    def from_original(cls, original: dict, **kwargs) -> "CpmBeeConfig":
-        """Build a config from the original JSON config (`dim_model`, `num_layers`, `half`, ...)."""
-        known = {
-            "vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers", "dropout_p",
-            "position_bias_num_buckets", "position_bias_num_segment_buckets", "position_bias_max_distance",
-            "eps", "half", "mask_modules",
-        }
-        unknown = sorted(set(original) - known)
-        if unknown:
-            raise ValueError(f"not a CPM-Bee config: unknown keys {unknown}")
-        if original.get("mask_modules"):
-            if any(any(pair) for pair in original["mask_modules"]):
-                raise ValueError("configs with masked (removed) attention/FFN modules are not supported")
-        defaults = cls()
-        return cls(
-            vocab_size=original.get("vocab_size", defaults.vocab_size),
-            hidden_size=original.get("dim_model", defaults.hidden_size),
-            num_hidden_layers=original.get("num_layers", defaults.num_hidden_layers),
-            num_attention_heads=original.get("num_heads", defaults.num_attention_heads),
-            head_dim=original.get("dim_head", defaults.head_dim),
-            intermediate_size=original.get("dim_ff", defaults.intermediate_size),
-            position_bias_num_buckets=original.get("position_bias_num_buckets", defaults.position_bias_num_buckets),
-            position_bias_num_segment_buckets=original.get(
-                "position_bias_num_segment_buckets", defaults.position_bias_num_segment_buckets
-            ),
-            position_bias_max_distance=original.get("position_bias_max_distance", defaults.position_bias_max_distance),
-            rms_norm_eps=original.get("eps", defaults.rms_norm_eps),
-            dropout=original.get("dropout_p", 0.0) or 0.0,
-            rotary_dtype="float16" if original.get("half", True) else "float32",
-            **kwargs,
-        )
-
 
 __all__ = ["CpmBeeConfig"]

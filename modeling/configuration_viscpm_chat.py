@@ -76,67 +76,6 @@ class VisCPMVisionConfig(PretrainedConfig):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    # torchscale EncoderConfig keys we read, and the flags whose values the port assumes (the released model's).
-    _ORIGINAL_SIZES = {
-        "encoder_embed_dim": "hidden_size",
-        "encoder_layers": "num_hidden_layers",
-        "encoder_attention_heads": "num_attention_heads",
-        "encoder_ffn_embed_dim": "intermediate_size",
-        "img_size": "image_size",
-        "patch_size": "patch_size",
-        "in_chans": "num_channels",
-        "max_source_positions": "max_query_positions",
-        "layernorm_eps": "layer_norm_eps",
-        "activation_fn": "hidden_act",
-    }
-    _ORIGINAL_FIXED = {
-        "multiway": True,
-        "subln": True,
-        "encoder_normalize_before": True,
-        "normalize_output": True,
-        "layernorm_embedding": False,
-        "no_scale_embedding": True,
-        "no_output_layer": True,
-        "deepnorm": False,
-        "rel_pos_buckets": 0,
-        "max_rel_pos": 0,
-        "xpos_rel_pos": False,
-        "moe_freq": 0,
-        "share_encoder_input_output_embed": False,
-    }
-    # Keys that only matter for training, or for parts of BEiT-3 VisCPM-Chat never runs (the text embedding).
-    _ORIGINAL_IGNORED = {
-        "vocab_size", "dropout", "attention_dropout", "activation_dropout", "drop_path_rate", "checkpoint_activations",
-        "fsdp", "ddp_rank", "bert_init", "mlp_ratio", "moe_expert_count", "moe_top1_expert", "moe_gating_use_fp32",
-        "moe_eval_capacity_token_fraction", "moe_second_expert_policy", "moe_normalize_gate_prob_before_dropping",
-        "use_xmoe", "xpos_scale_base",
-    }
-
-    @classmethod
-    def from_original(cls, original: dict, **kwargs) -> "VisCPMVisionConfig":
-        """Build a config from torchscale `EncoderConfig` keys (`encoder_embed_dim`, `encoder_layers`,
-        `encoder_attention_heads`, `encoder_ffn_embed_dim`, `img_size`, `patch_size`, ...).
-
-        Missing keys take the BEiT-3 large values. `vocab_size` belongs to BEiT-3's text embedding, which
-        VisCPM-Chat does not run, and is accepted and ignored. Flags that would change the architecture away
-        from the one VisCPM uses (e.g. `multiway=False`, `deepnorm=True`) raise a `ValueError`.
-        """
-        original = dict(original)
-        unknown = sorted(set(original) - set(cls._ORIGINAL_SIZES) - set(cls._ORIGINAL_FIXED) - cls._ORIGINAL_IGNORED)
-        if unknown:
-            raise ValueError(f"not a BEiT-3 EncoderConfig: unknown keys {unknown}")
-        unsupported = [
-            f"{key}={original[key]!r} (VisCPM uses {value!r})"
-            for key, value in cls._ORIGINAL_FIXED.items()
-            if key in original and original[key] != value
-        ]
-        if unsupported:
-            raise ValueError(f"unsupported BEiT-3 settings: {', '.join(unsupported)}")
-        if original.get("activation_fn", "gelu") != "gelu":
-            raise ValueError(f"unsupported activation_fn {original['activation_fn']!r} (VisCPM uses 'gelu')")
-        values = {ours: original[key] for key, ours in cls._ORIGINAL_SIZES.items() if key in original}
-        return cls(**{**values, **kwargs})
-
 
 class VisCPMChatConfig(PretrainedConfig):
     r"""

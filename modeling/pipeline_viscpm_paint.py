@@ -40,6 +40,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .modeling_viscpm_paint import VisCPMPaintTextEncoder
+from .tokenization_cpmbee import CpmBeeTokenizer
+
 logger = logging.get_logger(__name__)
 
 
@@ -91,8 +94,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def __init__(
         self,
-        text_encoder,
-        tokenizer,
+        text_encoder: VisCPMPaintTextEncoder,
+        tokenizer: CpmBeeTokenizer,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,

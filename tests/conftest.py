@@ -11,15 +11,10 @@ def vocab_file():
 
 
 def load_script(name):
-    """A script under conversion/ as a module (its `main(argv)` is what the command line runs)."""
-    import importlib.util
-    from pathlib import Path
+    """A script under conversion/ (``viscpm.conversion.<name>``): its `main(argv)` is what the command line runs."""
+    import importlib
 
-    path = Path(__file__).resolve().parent.parent / "conversion" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"viscpm.conversion.{name}")
 
 
 CHAT_QUERY_NUM = 64

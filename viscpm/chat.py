@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .conversion.original_format import resolve_original_format
 from .modeling.tokenization_cpmbee import CpmBeeTokenizer
-from .original_format import resolve_original_format
+from .safety import load_image_safety_checker
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
-DEFAULT_SAFETY_FEATURE_EXTRACTOR = "openai/clip-vit-base-patch32"
 
 
 class ChatResponse(tuple):
@@ -76,7 +76,7 @@ class VisCPMChat:
                 ``StableDiffusionSafetyChecker`` (and, optionally, its CLIP image processor); off by default.
             variant: for an original-format repo, folder or ``.pt`` (``openbmb/VisCPM-Chat``: ``"v1.1"``,
                 ``"balance"``, ``"zhplus"``), which checkpoint to fetch and convert once into a cache folder (see
-                `viscpm.original_format`); for a converted one, transformers' weights variant.
+                `viscpm.conversion.original_format`); for a converted one, transformers' weights variant.
             adapter: a language adapter (peft folder or Hub repo), a list of them or a ``{name: path}`` dict; the
                 model becomes a `peft.PeftModel` with the first one active (``chat.model.set_adapter(name)``
                 switches, see `viscpm.adapters.load_language_adapters`).
@@ -183,18 +183,113 @@ class VisCPMChat:
         return flags
 
 
+class _UnescapedText:
+    """The tokenizer as the streamer sees it: decoded text comes out as plain text (``<<`` back to ``<``)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def decode(self, ids, **kwargs) -> str:
+        return self._tokenizer.unescape(self._tokenizer.decode(ids, **kwargs))
+
+
+class ChatSession:
+    """A conversation about one image: keeps the history and the image features between turns.
+
+    ``ask(question, on_text)`` calls ``on_text`` with each new piece of the answer as it is generated when the
+    decoding can stream (one beam, transformers' loop), and otherwise once with the whole answer.
+    """
+
+    def __init__(self, chat, image=None, **generation_options):
+        self.chat = chat
+        self.options = generation_options
+        self.image = None
+        self.reset()
+        if image is not None:
+            self.set_image(image)
+
+    @property
+    def streams(self) -> bool:
+        config = self.chat.model.generation_config
+        do_sample = self.options.get("do_sample", config.do_sample)
+        original = self.options.get("original_beam_search", getattr(config, "original_beam_search", False))
+        beams = self.options.get("num_beams", config.num_beams)
+        return beams == 1 and (do_sample or not original)
+
+    def reset(self) -> None:
+        """Forget the conversation (the image stays)."""
+        self.context = ""
+        self.vision_hidden_states = None
+        self.turns: list[tuple[str, str]] = []
+
+    def set_image(self, image) -> None:
+        """Talk about another image from now on; the history is cleared."""
+        self.image = image
+        self.reset()
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Answer ``question`` (plain text) about the image; returns the answer as plain text."""
+        if on_text is None:
+            self._check(question)
+            return self._store(question, self._chat(question))
+        for piece in self.stream(question):
+            on_text(piece)
+        return self.turns[-1][1]
+
+    def stream(self, question: str) -> Iterator[str]:
+        """Yield the answer to ``question`` piece by piece as it is generated (in one piece when the decoding
+        cannot stream); the history is updated once the answer is complete."""
+        from transformers import TextIteratorStreamer
+
+        self._check(question)
+        if not self.streams:
+            yield self._store(question, self._chat(question))
+            return
+        processor = self.chat.processor
+        table = processor.tokenizer.get_ext_tables(processor.build_prompt(question, self.context))
+        streamer = TextIteratorStreamer(_UnescapedText(processor.tokenizer), skip_prompt=True,
+                                        skip_special_tokens=True, ext_table=table)
+        result: dict[str, Any] = {}
+
+        def generate():
+            try:
+                result["response"] = self._chat(question, streamer=streamer)
+            except BaseException as error:  # re-raised in the caller's thread
+                result["error"] = error
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        self._store(question, result["response"])
+
+    def _check(self, question: str) -> None:
+        if self.image is None:
+            raise ValueError("no image: give one first")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("empty question: ask something about the image")
+
+    def _chat(self, question: str, **extra):
+        return self.chat.chat(self.image, question, context=self.context,
+                              vision_hidden_states=self.vision_hidden_states, **self.options, **extra)
+
+    def _store(self, question: str, response) -> str:
+        self.context, self.vision_hidden_states = response.context, response.vision_hidden_states
+        text = self.chat.processor.tokenizer.unescape(response.answer)
+        self.turns.append((question, text))
+        return text
+
+
 def _load_safety_checker(option, device):
     if option is None or option is False:
         return None, None
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPImageProcessor
-
-    source = DEFAULT_SAFETY_CHECKER if option is True else str(option)
-    checker = StableDiffusionSafetyChecker.from_pretrained(source).to(device).eval()
-    extractor_source = source if os.path.isfile(os.path.join(source, "preprocessor_config.json")) else (
-        DEFAULT_SAFETY_FEATURE_EXTRACTOR
-    )
-    return checker, CLIPImageProcessor.from_pretrained(extractor_source)
+    checker, extractor = load_image_safety_checker(None if option is True else option)
+    return checker.to(device).eval(), extractor
 
 
-__all__ = ["ChatResponse", "VisCPMChat"]
+__all__ = ["ChatResponse", "ChatSession", "VisCPMChat"]

@@ -14,13 +14,12 @@ import warnings
 import PIL.Image
 import torch
 
+from .conversion.original_format import resolve_original_format
 from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
-from .original_format import resolve_original_format
+from .safety import load_image_safety_checker
 
 __all__ = ["VisCPMPaint", "grid_image"]
 
-SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
-SAFETY_FEATURE_EXTRACTOR_REPO = "openai/clip-vit-base-patch32"
 PROMPT_CHECKER_REPO, PROMPT_CHECKER_SUBFOLDER = "openbmb/VisCPM-Paint", "text-security-checker"
 RANKER_REPO = "OFA-Sys/chinese-clip-vit-base-patch16"
 """Where the original takes the optional parts from when a converted folder does not hold them."""
@@ -75,7 +74,7 @@ class VisCPMPaint:
                 folders, see `viscpm.adapters.save_paint_adapter`), put into the pipeline's models in place.
             variant: for an original-format repo, folder or ``.pt`` (``openbmb/VisCPM-Paint``: ``"balance"``,
                 ``"zhplus"``), which checkpoint to fetch and convert once into a cache folder (see
-                `viscpm.original_format`); for a converted one, diffusers' weights variant.
+                `viscpm.conversion.original_format`); for a converted one, diffusers' weights variant.
             kwargs: passed to `VisCPMPaintPipeline.from_pretrained` (e.g. ``revision``, ``token``).
         """
         path_or_repo = resolve_original_format(path_or_repo, "paint", variant, kwargs)
@@ -84,13 +83,8 @@ class VisCPMPaint:
         if not image_safety_checker:
             parts.update(safety_checker=None, feature_extractor=None)
         elif pipe.safety_checker is None:
-            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-            from transformers import CLIPImageProcessor
-
-            parts.update(
-                safety_checker=StableDiffusionSafetyChecker.from_pretrained(SAFETY_CHECKER_REPO, torch_dtype=torch_dtype),
-                feature_extractor=CLIPImageProcessor.from_pretrained(SAFETY_FEATURE_EXTRACTOR_REPO),
-            )
+            checker, extractor = load_image_safety_checker(torch_dtype=torch_dtype)
+            parts.update(safety_checker=checker, feature_extractor=extractor)
         if not prompt_safety_checker:
             parts.update(prompt_checker=None, prompt_checker_tokenizer=None)
         elif pipe.prompt_checker is None:

@@ -15,7 +15,7 @@ from VisCPM.generation.vllm_bee import VLLMCPMBeeGeneration
 from VisCPM.utils.utils import CPMBeeCollater
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_module():

@@ -3,12 +3,12 @@ every subcommand (`serve` is in test_web.py).
 
 Successes are compared with the library called in-process on the same folders (the printed answer is
 `VisCPMChat.chat`'s, the written picture is the pipeline's for the same seed). The tiny folders come from
-`viscpm.demo.build_tiny_models` (original-format checkpoints converted by the real converters).
+`viscpm.apps.demo.build_tiny_models` (original-format checkpoints converted by the real converters).
 
-A subprocess (`python -m viscpm.cli ...`, as the console script runs) costs ~5 s of imports on one core, so the
+A subprocess (`python -m viscpm.apps.cli ...`, as the console script runs) costs ~5 s of imports on one core, so the
 successes of each subcommand, the top-level help and one missing file run as subprocesses
 (exit status, stdout/stderr as a user sees them); the other help / usage / missing-file cases call
-`viscpm.cli.main(argv)` in-process, which is the same code after the imports, and check its return status and
+`viscpm.apps.cli.main(argv)` in-process, which is the same code after the imports, and check its return status and
 output the same way.
 """
 
@@ -22,8 +22,9 @@ import PIL.Image
 import pytest
 import torch
 
-from viscpm.cli import ChatSession, decoding_options, load_chat, load_paint, paint_images
-from viscpm.demo import RANDOM_NOTE, build_tiny_models
+from viscpm.apps.common import decoding_options, load_chat, load_paint, paint_images
+from viscpm.apps.demo import RANDOM_NOTE, build_tiny_models
+from viscpm.chat import ChatSession
 
 QUESTION = "What is <b>this</b>? <ans>"
 FOLLOW_UP = "第二个问题"
@@ -32,7 +33,7 @@ TOKENS = "6"
 
 def _cli(*args, cwd, stdin=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "viscpm.cli", *map(str, args)], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "viscpm.apps.cli", *map(str, args)], input=stdin, capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -85,7 +86,7 @@ class _Result:
 
 @pytest.fixture
 def run_main(capsys, setup, monkeypatch):
-    from viscpm.cli import main
+    from viscpm.apps.cli import main
 
     monkeypatch.chdir(setup["root"])
 

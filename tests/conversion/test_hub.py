@@ -28,13 +28,13 @@ from conftest import CHAT_QUERY_NUM, load_script
 from PIL import Image
 
 import viscpm  # noqa: F401  (registers the Auto classes)
-import viscpm.original_format as original_format
+import viscpm.conversion.original_format as original_format
+import viscpm.conversion.push_to_hub as hub
 from viscpm import VisCPMChat, VisCPMPaint, VisCPMPaintPipeline
-from viscpm import hub
-from viscpm.convert import ConversionError
-from viscpm.original_format import resolve_original_format
+from viscpm.conversion.common import ConversionError
+from viscpm.conversion.original_format import resolve_original_format
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
 QUESTION = "这张图片里有什么？"
 PROMPT, NEGATIVE = "一只可爱的橘猫坐在窗台上", "模糊"
@@ -55,7 +55,7 @@ def paint_files(tmp_path_factory, vocab_file):
     from oracle import TINY_ORIGINAL_CONFIG, build_original_cpmbee, build_original_paint, original_paint_state_dict
     from conftest import tiny_unet, tiny_vae, write_sd_base
 
-    from viscpm.convert_paint import convert_viscpm_paint_checkpoint
+    from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
 
     root = tmp_path_factory.mktemp("hub-paint")
     unet, vae = tiny_unet(), tiny_vae()
@@ -243,7 +243,8 @@ def test_staged_chat_folder(staged, chat_info):
 def test_staged_paint_folder(staged):
     folder = staged.paint
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_viscpm_paint", "VisCPMPaintPipeline"]
+    module, name = index["_class_name"]  # the pipeline file imports its components' files: an entry module
+    assert name == "VisCPMPaintPipeline" and (folder / f"{module}.py").is_file()
     module, name = index["text_encoder"]
     assert name == "VisCPMPaintTextEncoder" and (folder / "text_encoder" / f"{module}.py").is_file()
     assert index["tokenizer"] == ["tokenization_cpmbee", "CpmBeeTokenizer"]
@@ -485,19 +486,19 @@ def test_local_checkpoint_file(fake_hub, chat_info, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_entry(fake_hub, chat_info, monkeypatch):
-    import viscpm.convert_chat
+    import viscpm.conversion.convert_viscpm_chat as convert_chat
 
-    save = viscpm.convert_chat.save_model_folder
+    save = convert_chat.save_model_folder
 
     def crash_midway(folder, *args, **kwargs):
         save(folder, *args, **kwargs)  # everything is written ...
         raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
 
-    monkeypatch.setattr(viscpm.convert_chat, "save_model_folder", crash_midway)
+    monkeypatch.setattr(convert_chat, "save_model_folder", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert _entries(fake_hub) == []  # neither an entry nor a partial folder
-    monkeypatch.setattr(viscpm.convert_chat, "save_model_folder", save)
+    monkeypatch.setattr(convert_chat, "save_model_folder", save)
     VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert len(_entries(fake_hub)) == 1 and len(fake_hub.conversions) == 2
 
@@ -505,7 +506,7 @@ def test_interrupted_conversion_leaves_no_entry(fake_hub, chat_info, monkeypatch
 _CONCURRENT = """
 import json, sys, time
 from pathlib import Path
-import viscpm.original_format as original_format
+import viscpm.conversion.original_format as original_format
 
 checkpoint, cache, llm, vision, go = sys.argv[1:6]
 converted = []

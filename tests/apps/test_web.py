@@ -1,7 +1,7 @@
 """`viscpm serve`: the gradio app on 127.0.0.1 with tiny models, driven through its HTTP API (`gradio_client`) and
 in headless Chromium (Debian's `chromium`, driven by Playwright); the browser's screenshot is kept under `build/`.
 
-The server is the real command (`python -m viscpm.cli serve ...`) in a subprocess; what it answers is compared
+The server is the real command (`python -m viscpm.apps.cli serve ...`) in a subprocess; what it answers is compared
 with `VisCPMChat.chat` / the pipeline called in-process on the same folders.
 """
 
@@ -17,11 +17,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from viscpm.cli import decoding_options, load_chat, load_paint, main, paint_images
-from viscpm.demo import build_tiny_models
+from viscpm.apps.cli import main
+from viscpm.apps.common import decoding_options, load_chat, load_paint, paint_images
+from viscpm.apps.demo import build_tiny_models
 
 TOKENS = 6
-BUILD = Path(__file__).resolve().parents[1] / "build"
+BUILD = Path(__file__).resolve().parents[2] / "build"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -43,7 +44,7 @@ def server(tmp_path_factory, vocab_file):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     log = open(root / "server.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "viscpm.cli", "serve", str(chat_dir), str(paint_dir), "--port", str(port),
+        [sys.executable, "-m", "viscpm.apps.cli", "serve", str(chat_dir), str(paint_dir), "--port", str(port),
          "--max-new-tokens", str(TOKENS), "--device", "cpu"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
     url = f"http://127.0.0.1:{port}/"

@@ -22,11 +22,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import viscpm
-import viscpm.convert as convert
+import viscpm.conversion.common as common
+import viscpm.conversion.convert_cpmbee as convert
 from viscpm import CpmBeeForCausalLM, CpmBeeTokenizer
-from viscpm.convert import ConversionError, convert_cpmbee_checkpoint, map_cpmbee_key
+from viscpm.conversion.common import ConversionError
+from viscpm.conversion.convert_cpmbee import convert_cpmbee_checkpoint, map_cpmbee_key
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "conversion" / "convert_cpmbee.py"
 
 
@@ -172,7 +174,7 @@ def test_overwrite_replaces_only_when_asked(tmp_path, files, vocab_file):
 def test_unwraps_nested_state_dict(tmp_path):
     path = tmp_path / "wrapped.pt"
     torch.save({"model": {"state_dict": {"a": torch.ones(2)}}, "epoch": 3}, path)
-    assert list(convert.load_original_checkpoint(path)) == ["a"]
+    assert list(common.load_original_checkpoint(path)) == ["a"]
 
 
 # ------------------------------------------------------------------------------------------ (b) errors
@@ -322,9 +324,9 @@ def test_crash_leaves_nothing_behind(crash, existing, tmp_path, files, vocab_fil
         out.mkdir()
         (out / "config.json").write_text('{"model_type": "mine"}')
     if crash == "weights":
-        monkeypatch.setattr(convert, "write_safetensors", _boom)
+        monkeypatch.setattr(common, "write_safetensors", _boom)
     elif crash == "weights-interrupt":
-        monkeypatch.setattr(convert, "write_safetensors", _write_then_crash)
+        monkeypatch.setattr(common, "write_safetensors", _write_then_crash)
     else:  # everything but config.json written, then the crash
         monkeypatch.setattr(viscpm.CpmBeeConfig, "save_pretrained", _boom)
     error = KeyboardInterrupt if crash == "weights-interrupt" else RuntimeError

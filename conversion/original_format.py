@@ -7,7 +7,7 @@
 :func:`resolve_original_format` is what their ``from_pretrained`` calls first. A converted folder or repo (one with
 ``config.json`` / ``model_index.json``) is returned unchanged. A repo, folder or file in the original format
 (``torch.save`` state dicts) has the right checkpoint fetched with ``huggingface_hub`` (progress bar, resumable,
-shared with the Hub cache), converted with :mod:`viscpm.convert_chat` / :mod:`viscpm.convert_paint` into
+shared with the Hub cache), converted with :mod:`~viscpm.conversion.convert_viscpm_chat` / :mod:`~viscpm.conversion.convert_viscpm_paint` into
 ``<cache>/<entry>``, and that folder is returned; later calls find the entry and convert nothing.
 
 The entry is written in a temporary sibling and renamed into place when complete (an interrupted conversion leaves
@@ -29,7 +29,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import ConversionError, atomic_output_dir, default_vocab_file
+from viscpm.conversion.common import ConversionError, atomic_output_dir, default_vocab_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,12 @@ def _convert(kind: str, checkpoint: Path, output_dir: Path, options: dict, hub: 
     """Run the converter of ``kind`` (the converters validate the checkpoint and refuse other kinds)."""
     common = dict(llm_config=options.get("llm_config"), vocab_file=_vocab_file(options, hub), progress=True)
     if kind == "chat":
-        from .convert_chat import convert_viscpm_chat_checkpoint
+        from viscpm.conversion.convert_viscpm_chat import convert_viscpm_chat_checkpoint
 
         convert_viscpm_chat_checkpoint(checkpoint, output_dir, vision_config=options.get("vision_config"),
                                        query_num=options.get("query_num"), **common)
     else:
-        from .convert_paint import DEFAULT_SD_BASE, convert_viscpm_paint_checkpoint
+        from viscpm.conversion.convert_viscpm_paint import DEFAULT_SD_BASE, convert_viscpm_paint_checkpoint
 
         convert_viscpm_paint_checkpoint(checkpoint, output_dir, sd_base=options.get("sd_base") or DEFAULT_SD_BASE,
                                         **common)
@@ -208,7 +208,7 @@ def _converted(kind: str, checkpoint: Path, options: dict, hub: dict, provenance
     """The cache entry for ``checkpoint``, converting it first if there is none (atomically, under a lock)."""
     from filelock import FileLock, Timeout
 
-    from .hub import SOURCE_INFO_FILE, file_sha256
+    from viscpm.conversion.push_to_hub import SOURCE_INFO_FILE, file_sha256
 
     identity = _source_identity(checkpoint, provenance.get("repo"))
     key = {"format": CACHE_FORMAT, "kind": kind, "source": identity,

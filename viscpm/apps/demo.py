@@ -8,8 +8,8 @@
 3. Load the converted folders like any user does, paint a picture, and chat about it (two turns).
 
 How the checkpoints are made, and why: the weights are drawn by our own classes and written under the original
-names by inverting the converters' key maps (`viscpm.convert.CPMBEE_KEYS`, `viscpm.convert_chat.VISION_KEYS`,
-`viscpm.convert_paint.PAINT_BRIDGE_KEYS`), plus the keys the original has that we drop (BEiT-3's MIM head, text
+names by inverting the converters' key maps (`convert_cpmbee.CPMBEE_KEYS`, `convert_viscpm_chat.VISION_KEYS`,
+`convert_viscpm_paint.PAINT_BRIDGE_KEYS`), plus the keys the original has that we drop (BEiT-3's MIM head, text
 embedding and mask token). That needs nothing but this package and the CPM-Bee vocabulary, so the demo runs on
 a fresh machine. Building them with the original implementation would need its whole stack (torchscale,
 fairscale, timm and the old releases it pins), which is a test-only dependency here. The files are laid out
@@ -28,7 +28,21 @@ from pathlib import Path
 
 import torch
 
-from .cli import CLIError, ChatSession, check_model, load_chat, load_paint, paint_images, resolve_device
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from viscpm.chat import ChatSession
+from viscpm.conversion.common import ConversionError, default_vocab_file
+from viscpm.conversion.convert_cpmbee import CPMBEE_KEYS, load_cpmbee_config
+from viscpm.conversion.convert_viscpm_chat import VISION_KEYS, build_chat_config, convert_viscpm_chat_checkpoint
+from viscpm.conversion.convert_viscpm_paint import PAINT_BRIDGE_KEYS, convert_viscpm_paint_checkpoint
+from viscpm.modeling import (
+    CpmBeeTokenizer,
+    VisCPMChatForConditionalGeneration,
+    VisCPMPaintTextEncoder,
+    VisCPMPaintTextEncoderConfig,
+)
+
+from .common import AppError, check_model, load_chat, load_paint, paint_images, resolve_device
 
 __all__ = ["TINY_LLM_CONFIG", "TINY_VISION_CONFIG", "build_tiny_chat_checkpoint", "build_tiny_models",
            "build_tiny_paint_checkpoint", "original_chat_state_dict", "original_paint_state_dict", "run_demo"]
@@ -65,8 +79,6 @@ def _invert(mapping_fn, key: str) -> str:
 
 def original_chat_state_dict(model) -> dict[str, torch.Tensor]:
     """The state dict of a `VisCPMChatForConditionalGeneration` under the original `VLU_CPMBee` names."""
-    from .convert import CPMBEE_KEYS
-    from .convert_chat import VISION_KEYS
 
     state = {}
     for name, tensor in model.state_dict().items():
@@ -94,8 +106,6 @@ def original_chat_state_dict(model) -> dict[str, torch.Tensor]:
 
 def original_paint_state_dict(text_encoder, unet) -> dict[str, torch.Tensor]:
     """A `VisCPMPaintTextEncoder` and a UNet under the original `VisCPMPaint` checkpoint names."""
-    from .convert import CPMBEE_KEYS
-    from .convert_paint import PAINT_BRIDGE_KEYS
 
     bridge = {ours: original for original, ours in PAINT_BRIDGE_KEYS.items()}
     state = {}
@@ -116,8 +126,6 @@ def _llm_config(vocab_size: int) -> dict:
 
 def build_tiny_chat_checkpoint(folder: Path, vocab_size: int, seed: int = 0) -> dict[str, Path]:
     """Write ``viscpm_chat_tiny.pt`` (original format, random weights), ``llm.json`` and ``vision.json``."""
-    from .convert_chat import build_chat_config
-    from .modeling.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 
     llm, vision = _llm_config(vocab_size), dict(TINY_VISION_CONFIG)
     config = build_chat_config(llm, vision, TINY_QUERY_NUM)
@@ -134,10 +142,7 @@ def build_tiny_chat_checkpoint(folder: Path, vocab_size: int, seed: int = 0) -> 
 def build_tiny_paint_checkpoint(folder: Path, vocab_size: int, seed: int = 0) -> dict[str, Path]:
     """Write ``viscpm_paint_tiny.pt`` (original format, random weights), ``llm.json`` and ``sd-base/`` (a tiny
     VAE, the SD-2.1 noise schedule and the UNet config, as ``--sd-base`` expects)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from .convert import load_cpmbee_config
-    from .modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
 
     llm = _llm_config(vocab_size)
     torch.manual_seed(seed)
@@ -166,15 +171,14 @@ def build_tiny_paint_checkpoint(folder: Path, vocab_size: int, seed: int = 0) ->
 
 def find_vocab(vocab_file: str | None) -> str:
     """The CPM-Bee vocabulary: ``vocab_file``, or the installed original package's ``bee.txt``."""
-    from .convert import default_vocab_file
 
     if vocab_file is not None:
         if not Path(vocab_file).is_file():
-            raise CLIError(f"vocabulary {vocab_file} not found; pass the CPM-Bee bee.txt")
+            raise AppError(f"vocabulary {vocab_file} not found; pass the CPM-Bee bee.txt")
         return vocab_file
     found = default_vocab_file()
     if found is None:
-        raise CLIError("no CPM-Bee vocabulary: pass --vocab-file bee.txt, or install the original package, which "
+        raise AppError("no CPM-Bee vocabulary: pass --vocab-file bee.txt, or install the original package, which "
                        "ships it (pip install --no-deps VisCPM==0.0.1.dev0)")
     return found
 
@@ -182,10 +186,6 @@ def find_vocab(vocab_file: str | None) -> str:
 def build_tiny_models(output_dir: str | Path, vocab_file: str | None = None, seed: int = 0) -> tuple[Path, Path]:
     """Build the tiny original-format checkpoints under ``output_dir/original`` and convert them with the real
     converters into ``output_dir/viscpm-chat-tiny`` and ``output_dir/viscpm-paint-tiny``; returns the two."""
-    from .convert import ConversionError
-    from .convert_chat import convert_viscpm_chat_checkpoint
-    from .convert_paint import convert_viscpm_paint_checkpoint
-    from .modeling.tokenization_cpmbee import CpmBeeTokenizer
 
     output_dir = Path(output_dir)
     vocab = find_vocab(vocab_file)
@@ -205,7 +205,7 @@ def build_tiny_models(output_dir: str | Path, vocab_file: str | None = None, see
             paint_files["checkpoint"], paint_dir, llm_config=paint_files["llm_config"],
             sd_base=paint_files["sd_base"], vocab_file=vocab, overwrite=True, progress=False)
     except ConversionError as error:
-        raise CLIError(f"converting the tiny checkpoints failed: {error}") from error
+        raise AppError(f"converting the tiny checkpoints failed: {error}") from error
     return chat_dir, paint_dir
 
 
@@ -213,9 +213,9 @@ def _prepare_output_dir(output_dir: Path) -> None:
     """Use ``output_dir`` if it is new, empty or an earlier demo's (marked); never overwrite anything else."""
     if output_dir.exists():
         if not output_dir.is_dir():
-            raise CLIError(f"--output-dir {output_dir} is a file; pick a folder")
+            raise AppError(f"--output-dir {output_dir} is a file; pick a folder")
         if any(output_dir.iterdir()) and not (output_dir / MARKER).is_file():
-            raise CLIError(f"--output-dir {output_dir} is not empty and not an earlier demo's folder; pick another")
+            raise AppError(f"--output-dir {output_dir} is not empty and not an earlier demo's folder; pick another")
         for stale in ("original",):  # rebuilt below; converted folders are replaced atomically by the converters
             shutil.rmtree(output_dir / stale, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)

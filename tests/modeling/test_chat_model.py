@@ -24,8 +24,12 @@ from oracle import (
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import viscpm  # noqa: F401  (registers the Auto classes)
-from viscpm.convert import ConversionError
-from viscpm.convert_chat import CHAT_DROPPED_KEYS, convert_viscpm_chat_checkpoint
+from viscpm.conversion.common import ConversionError
+from viscpm.conversion.convert_viscpm_chat import (
+    CHAT_DROPPED_KEYS,
+    convert_viscpm_chat_checkpoint,
+    vision_config_from_original,
+)
 from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
 from viscpm.modeling.modeling_viscpm_chat import (
     VisCPMChatForConditionalGeneration,
@@ -344,13 +348,13 @@ def test_auto_classes_and_config():
     }
     again = VisCPMChatConfig.from_dict(config.to_dict())
     assert again.vision_config.to_dict() == config.vision_config.to_dict() and again.query_num == 4
-    large = VisCPMVisionConfig.from_original({"encoder_embed_dim": 1024, "img_size": 224, "vocab_size": 64010})
+    large = vision_config_from_original({"encoder_embed_dim": 1024, "img_size": 224, "vocab_size": 64010})
     sizes = (large.hidden_size, large.num_hidden_layers, large.intermediate_size, large.num_patches)
     assert sizes == (1024, 24, 4096, 196)
     with pytest.raises(ValueError, match="multiway"):
-        VisCPMVisionConfig.from_original({"multiway": False})
+        vision_config_from_original({"multiway": False})
     with pytest.raises(ValueError, match="unknown keys"):
-        VisCPMVisionConfig.from_original({"encoder_embed_dimm": 8})
+        vision_config_from_original({"encoder_embed_dimm": 8})
 
 
 def test_clear_errors_for_bad_inputs(chat):
@@ -415,7 +419,7 @@ def test_mismatched_sizes_are_named(chat_files, tmp_path):
 
 def test_dropped_keys_are_logged_and_dtype_option(chat_files, tmp_path, caplog):
     _, root, checkpoint = chat_files
-    with caplog.at_level(logging.INFO, logger="viscpm.convert_chat"):
+    with caplog.at_level(logging.INFO, logger="viscpm.conversion.convert_viscpm_chat"):
         _convert(checkpoint, tmp_path / "out", root, dtype="bfloat16")
     logged = caplog.text
     assert all(key in logged for key in CHAT_DROPPED_KEYS)

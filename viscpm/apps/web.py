@@ -17,7 +17,9 @@ import hashlib
 import os
 from typing import Any
 
-from .cli import CLIError, ChatSession, decoding_options, load_chat, load_paint, paint_images
+from viscpm.chat import ChatSession
+
+from .common import AppError, decoding_options, load_chat, load_paint, paint_images
 
 __all__ = ["DECODINGS", "build_app", "serve"]
 
@@ -47,7 +49,7 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
             raise gr.Error("type a question about the image")
         try:
             options = decoding_options(DECODINGS.get(decoding, "beam"), max_new_tokens=max_new_tokens)
-        except CLIError as error:
+        except AppError as error:
             raise gr.Error(str(error)) from None
         image = image.convert("RGB")
         key = _image_key(image)
@@ -62,7 +64,7 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
             for piece in session.stream(question):
                 history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
                 yield history, "", state
-        except CLIError as error:
+        except AppError as error:
             raise gr.Error(str(error)) from None
         history[-1] = {"role": "assistant", "content": session.turns[-1][1]}
         state = {"image": key, "context": session.context, "vision_hidden_states": session.vision_hidden_states}
@@ -75,7 +77,7 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
         try:
             images, flagged = paint_images(pipe, prompt or "", negative_prompt or None, steps=int(steps),
                                            seed=None if seed is None else int(seed))
-        except CLIError as error:
+        except AppError as error:
             raise gr.Error(str(error)) from None
         if any(flagged):
             gr.Warning("the safety checker blacked out a picture")
@@ -135,4 +137,4 @@ def serve(model_chat: str, model_paint: str, host: str = "127.0.0.1", port: int 
     try:
         app.queue().launch(**kwargs)
     except OSError as error:  # port in use, address not available
-        raise CLIError(f"cannot serve on {host}:{port} ({str(error).splitlines()[0]}); try another --port") from None
+        raise AppError(f"cannot serve on {host}:{port} ({str(error).splitlines()[0]}); try another --port") from None

@@ -1,27 +1,25 @@
-"""Turn original VisCPM / CPM-Bee checkpoints into Hugging Face model folders.
+"""What every converter shares: reading original checkpoints, key maps, validation and atomic output.
 
 The original checkpoints are `torch.save` pickles of a state dict (CPM-Bee alone, or VisCPM-Chat /
-VisCPM-Paint with the language model under ``llm.``). This module has the pieces a converter needs,
-each usable on its own so that the Chat and Paint converters, the command line and Hub loading can
-share them:
+VisCPM-Paint with the language model under ``llm.``). The converters (``convert_cpmbee.py``,
+``convert_viscpm_chat.py``, ``convert_viscpm_paint.py``), original-format loading and the Hub push use:
 
-* :func:`load_original_checkpoint` reads a checkpoint without running code from it
-  (``weights_only=True``) and without copying it into memory (``mmap=True``), and turns every way
-  of failing into a :class:`ConversionError` with a one-line message that names the file and the fix.
-* :class:`KeyMap` / :data:`CPMBEE_KEYS` / :func:`map_cpmbee_key` rename original keys to ours,
-  and back again for messages.
-* :func:`build_meta_model`, :func:`expected_parameter_shapes` and :func:`validate_state_dict`
-  compare a converted state dict with what a config expects, naming every missing, unexpected
-  and mis-shaped key.
-* :func:`write_safetensors` writes (sharded) safetensors, casting one shard at a time, and
-  :func:`atomic_output_dir` makes a folder appear only once it is complete.
-* :func:`convert_cpmbee_checkpoint` puts it all together for CPM-Bee.
+* :func:`load_original_checkpoint`: reads a checkpoint without running code from it (``weights_only=True``)
+  and without copying it into memory (``mmap=True``); every way of failing is a :class:`ConversionError`
+  with a one-line message that names the file and the fix.
+* :class:`KeyMap`: renames original keys to ours, and back again for messages.
+* :func:`build_meta_model`, :func:`expected_parameter_shapes` and :func:`validate_state_dict`: compare a
+  converted state dict with what a config expects, naming every missing, unexpected and mis-shaped key.
+* :func:`write_safetensors` (sharded, cast one shard at a time), :func:`save_model_folder` and
+  :func:`atomic_output_dir` (a folder appears only once it is complete).
+* :func:`load_config` and :func:`run_converter`: config files and the scripts' error handling.
 
 Only :class:`ConversionError` is raised for problems with the user's input; anything else is a bug.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import importlib.util
@@ -41,31 +39,23 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .modeling import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
-
 __all__ = [
-    "CPMBEE_KEYS",
+    "DEFAULT_MAX_SHARD_SIZE",
     "ConversionError",
     "KeyMap",
-    "cpmbee_original_name",
-    "first_line",
-    "load_config",
-    "load_tokenizer",
-    "shorten",
-    "run_converter",
+    "ScriptArgumentParser",
     "atomic_output_dir",
     "build_meta_model",
     "check_output_dir",
-    "convert_cpmbee_checkpoint",
-    "convert_cpmbee_state_dict",
     "default_vocab_file",
-    "detect_prefix",
     "expected_parameter_shapes",
-    "load_cpmbee_config",
+    "first_line",
+    "load_config",
     "load_original_checkpoint",
-    "map_cpmbee_key",
     "parse_dtype",
+    "run_converter",
     "save_model_folder",
+    "shorten",
     "unwrap_state_dict",
     "validate_state_dict",
     "write_safetensors",
@@ -256,93 +246,6 @@ class KeyMap:
     def to_original(self, key: str) -> str | None:
         """The original name for one of our keys (without prefixes), or None if it is not known."""
         return self._apply(self._backward, key)
-
-
-CPMBEE_KEYS = KeyMap(
-    [
-        ("input_embedding.weight", "embed_tokens.weight"),
-        ("position_bias.relative_attention_bias", "position_bias.weight"),
-        ("encoder.output_layernorm.weight", "norm.weight"),
-        ("encoder.layers.{i}.self_att.layernorm_before_attention.weight", "layers.{i}.input_layernorm.weight"),
-        ("encoder.layers.{i}.self_att.self_attention.project_q.weight", "layers.{i}.self_attn.q_proj.weight"),
-        ("encoder.layers.{i}.self_att.self_attention.project_k.weight", "layers.{i}.self_attn.k_proj.weight"),
-        ("encoder.layers.{i}.self_att.self_attention.project_v.weight", "layers.{i}.self_attn.v_proj.weight"),
-        ("encoder.layers.{i}.self_att.self_attention.attention_out.weight", "layers.{i}.self_attn.o_proj.weight"),
-        ("encoder.layers.{i}.ffn.layernorm_before_ffn.weight", "layers.{i}.post_attention_layernorm.weight"),
-        ("encoder.layers.{i}.ffn.ffn.w_in.w_0.weight", "layers.{i}.mlp.gate_proj.weight"),
-        ("encoder.layers.{i}.ffn.ffn.w_in.w_1.weight", "layers.{i}.mlp.up_proj.weight"),
-        ("encoder.layers.{i}.ffn.ffn.w_out.weight", "layers.{i}.mlp.down_proj.weight"),
-    ]
-)
-"""Original CPM-Bee (``CPMBeeTorch``) names → ours inside ``CpmBeeModel``. Shapes are identical."""
-
-CPMBEE_ANCHOR_KEY = "input_embedding.weight"
-"""An original key every CPM-Bee checkpoint has; where it sits tells the prefix (``""``, ``"llm."``...)."""
-
-
-def map_cpmbee_key(key: str, prefix: str = "", hf_prefix: str = "model.") -> str | None:
-    """Our name for an original CPM-Bee key.
-
-    Args:
-        key: the original key, e.g. ``"llm.encoder.layers.0.ffn.ffn.w_out.weight"``.
-        prefix: the prefix of the language model in the original checkpoint (``""`` for a CPM-Bee
-            checkpoint, ``"llm."`` for VisCPM-Chat / Paint).
-        hf_prefix: the prefix of ``CpmBeeModel`` in the target model (``"model."`` for
-            ``CpmBeeForCausalLM``, ``""`` for ``CpmBeeModel``).
-
-    Returns:
-        The new key, or None if ``key`` does not start with ``prefix`` or is not a CPM-Bee key.
-    """
-    if not key.startswith(prefix):
-        return None
-    mapped = CPMBEE_KEYS.to_hf(key[len(prefix):])
-    return None if mapped is None else hf_prefix + mapped
-
-
-def detect_prefix(keys: Iterable[str], anchor: str = CPMBEE_ANCHOR_KEY, source: str = "checkpoint") -> str:
-    """Find the prefix under which the model sits, from where the ``anchor`` key is.
-
-    Prefers no prefix, then the shortest one (``"llm."`` in VisCPM checkpoints, ``"module."`` in
-    some training checkpoints).
-
-    Raises:
-        ConversionError: no key ends with ``anchor``.
-    """
-    keys = list(keys)
-    prefixes = sorted({key[: -len(anchor)] for key in keys if key == anchor or key.endswith("." + anchor)}, key=len)
-    if not prefixes:
-        raise ConversionError(
-            f"{source} holds no CPM-Bee weights (no key ending in {anchor!r}; it has e.g. {shorten(keys, 3)})"
-        )
-    return prefixes[0]
-
-
-def convert_cpmbee_state_dict(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = "", hf_prefix: str = "model."
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename an original CPM-Bee state dict to our names (tensors are not copied).
-
-    Returns:
-        ``(converted, unmapped)``: the renamed tensors, and the original keys that were not
-        CPM-Bee keys under ``prefix`` (for a Chat/Paint checkpoint, the vision/diffusion parts).
-    """
-    converted: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for key, tensor in state_dict.items():
-        new_key = map_cpmbee_key(key, prefix, hf_prefix)
-        if new_key is None:
-            unmapped.append(key)
-        else:
-            converted[new_key] = tensor
-    return converted, unmapped
-
-
-def cpmbee_original_name(hf_key: str, prefix: str, hf_prefix: str) -> str:
-    if hf_key.startswith(hf_prefix):
-        original = CPMBEE_KEYS.to_original(hf_key[len(hf_prefix):])
-        if original is not None:
-            return prefix + original
-    return hf_key
 
 
 # --------------------------------------------------------------------------------------------------
@@ -656,10 +559,10 @@ def default_vocab_file() -> str | None:
     return None
 
 
-def load_config(config_class, config, what: str, expected: str):
+def load_config(config_class, config, what: str, expected: str, from_original: Callable[[dict], object]):
     """``config_class`` from: nothing (its defaults, the released model), an instance, a dict, or a JSON file.
 
-    A dict or file holds the original's keys (read by ``config_class.from_original``) or is one of ours (with its
+    A dict or file holds the original's keys (read by ``from_original``) or is one of ours (with its
     ``model_type``). ``what`` names the config in errors and ``expected`` says what the file should hold.
 
     Raises:
@@ -689,130 +592,16 @@ def load_config(config_class, config, what: str, expected: str):
             if config["model_type"] != config_class.model_type:
                 raise ValueError(f"model_type is {config['model_type']!r}, not {config_class.model_type!r}")
             return config_class.from_dict(dict(config))
-        return config_class.from_original(dict(config))
+        return from_original(dict(config))
     except (TypeError, ValueError) as error:
         raise ConversionError(f"{source}: {first_line(error)}") from None
 
 
-def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None = None) -> CpmBeeConfig:
-    """A :class:`CpmBeeConfig` (see :func:`load_config`): nothing is the 10B model; a dict or file may be the
-    original config (``dim_model``, ``num_layers``, ``half``...) or one of ours (``"model_type": "cpmbee"``)."""
-    return load_config(CpmBeeConfig, config, "config", "the original CPM-Bee config JSON file")
+class ScriptArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts (and the ``viscpm`` command): a usage error is one line, exit status 2."""
 
-
-def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
-    path = Path(vocab_file)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise ConversionError(f"vocabulary {path} {what}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file")
-    try:
-        tokenizer = CpmBeeTokenizer(str(path))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConversionError(f"cannot read vocabulary {path}: {first_line(error)}") from None
-    size = getattr(tokenizer, "vocab_size", None)
-    if isinstance(size, int) and size != config.vocab_size:
-        raise ConversionError(
-            f"vocabulary {path} has {size} tokens but the config says vocab_size={config.vocab_size}; "
-            "pass the vocabulary that belongs to this checkpoint"
-        )
-    return tokenizer
-
-
-def _cpmbee_config_differences(converted: Mapping[str, torch.Tensor], config: CpmBeeConfig) -> str:
-    """What the checkpoint's shapes say about the config, where that differs from ``config``.
-
-    Only the sizes that shapes determine are read: vocabulary, width, depth, FFN width and heads.
-    """
-    found: dict[str, int] = {}
-    embedding = converted.get("model.embed_tokens.weight")
-    if embedding is not None and embedding.dim() == 2:
-        found["vocab_size"], found["hidden_size"] = (int(size) for size in embedding.shape)
-    layers = {int(m.group(1)) for key in converted if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    if layers:
-        found["num_hidden_layers"] = max(layers) + 1
-    gate = converted.get("model.layers.0.mlp.gate_proj.weight")
-    if gate is not None and gate.dim() == 2:
-        found["intermediate_size"] = int(gate.shape[0])
-    bias = converted.get("model.position_bias.weight")
-    if bias is not None and bias.dim() == 2:
-        found["num_attention_heads"] = int(bias.shape[1])
-    return ", ".join(
-        f"{name}={value} not {getattr(config, name)}"
-        for name, value in found.items()
-        if getattr(config, name) != value
-    )
-
-
-def convert_cpmbee_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    config: CpmBeeConfig | str | os.PathLike | Mapping | None = None,
-    vocab_file: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    prefix: str | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    progress: bool = True,
-) -> Path:
-    """Convert an original CPM-Bee checkpoint into a ``CpmBeeForCausalLM`` folder.
-
-    Args:
-        checkpoint: the original ``.pt`` file (a CPM-Bee state dict, or one whose CPM-Bee part is
-            under a prefix such as ``llm.``, with nothing else in it).
-        output_dir: the folder to create; it appears only once complete.
-        config: the model config (see :func:`load_cpmbee_config`); None is the 10B model.
-        vocab_file: the vocabulary (``bee.txt``); when given, the tokenizer is saved too.
-        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; None keeps the checkpoint's dtype.
-        overwrite: replace a non-empty ``output_dir`` (only after the new folder is complete).
-        prefix: the prefix of the CPM-Bee keys; None finds it (``""``, ``"llm."``, ...).
-
-    Returns:
-        ``output_dir`` as a Path.
-
-    Raises:
-        ConversionError: anything wrong with the inputs, checked before the output is written.
-    """
-    cfg = load_cpmbee_config(config)
-    target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
-    tokenizer = load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
-
-    source = str(checkpoint)
-    original = load_original_checkpoint(checkpoint)
-    if prefix is None:
-        prefix = detect_prefix(original, source=source)
-    converted, unmapped = convert_cpmbee_state_dict(original, prefix)
-    if unmapped and not converted:
-        raise ConversionError(f"{source} holds no CPM-Bee weights under the prefix {prefix!r}")
-
-    model = build_meta_model(CpmBeeForCausalLM, cfg)
-    differences = _cpmbee_config_differences(converted, cfg)
-    hint = "pass the original config of this checkpoint with --config" if config is None else (
-        "pass the config that belongs to this checkpoint"
-    )
-    validate_state_dict(
-        converted,
-        expected_parameter_shapes(model),
-        unexpected=unmapped,
-        describe=lambda key: cpmbee_original_name(key, prefix, "model."),
-        source=source,
-        summary=f"the checkpoint has {differences}" if differences else "",
-        hint=hint,
-    )
-
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_model_folder(
-            tmp,
-            converted,
-            cfg,
-            model,
-            dtype=target_dtype,
-            tokenizer=tokenizer,
-            max_shard_size=max_shard_size,
-            progress=progress,
-        )
-    return Path(output_dir)
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def run_converter(convert: Callable[..., Path], *, vocab_file: str | None, log_to_stderr: str | None = None,

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "cpmbee_demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "cpmbee_demo.py"
 
 
 def _run(*args, cwd):

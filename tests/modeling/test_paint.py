@@ -44,8 +44,8 @@ from conftest import load_script, tiny_unet, tiny_vae, write_sd_base
 
 import viscpm  # noqa: F401  (registers the text encoder)
 from viscpm.adapters import lora_target_pattern
-from viscpm.convert import ConversionError
-from viscpm.convert_paint import convert_viscpm_paint_checkpoint
+from viscpm.conversion.common import ConversionError
+from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
 from viscpm import VisCPMPaint, VisCPMPaintPipeline
 

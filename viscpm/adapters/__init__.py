@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling.image_processing_viscpm import load_image_file, to_rgb
-from .modeling.tokenization_cpmbee import CpmBeeTokenizer
+from ..modeling.image_processing_viscpm import load_image_file, to_rgb
+from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -355,7 +355,7 @@ def test_paint_adapter_loss_matches_original_and_goes_down(vocab_file, tmp_path)
     from conftest import SCHEDULER_CONFIG, tiny_unet, tiny_vae, write_sd_base
 
     from viscpm import VisCPMPaint, VisCPMPaintPipeline
-    from viscpm.convert_paint import convert_viscpm_paint_checkpoint
+    from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
 
     unet, vae = tiny_unet(), tiny_vae()
     sd_base = write_sd_base(tmp_path / "sd-base", unet, vae)
@@ -425,7 +425,7 @@ def test_chat_script(chat, tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "train_language_adapter_chat.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "train_language_adapter_chat.py"
     spec = importlib.util.spec_from_file_location("train_language_adapter_chat", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

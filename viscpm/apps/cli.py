@@ -1,0 +1,463 @@
+"""The ``viscpm`` command line: chat about an image, paint, convert checkpoints, the offline demo, the web app.
+
+    viscpm chat MODEL --image IMG [QUESTION]        # one answer; without QUESTION a multi-turn session
+    viscpm paint MODEL "PROMPT" [-o out.png]        # with a progress bar
+    viscpm convert {chat,paint,cpmbee} ...          # the scripts under conversion/, one command
+    viscpm demo                                     # offline: tiny random models, converted, chat + paint
+    viscpm serve MODEL_CHAT MODEL_PAINT [--port N]  # the gradio web app
+    viscpm push DIR REPO_ID [...]                   # upload to the Hugging Face Hub (conversion/push_to_hub.py)
+
+Exit status: 0 ok, 1 runtime error, 2 usage error (130 when interrupted). Errors are one line on stderr that
+says what to do; ``--debug`` (anywhere on the line) shows the traceback instead.
+
+Heavy imports (torch, transformers, gradio) happen inside the commands, so that usage errors and ``--help``
+do not pay for what they do not use beyond the package import itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from viscpm.conversion.common import ScriptArgumentParser, first_line
+
+from .common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AppError,
+    check_model,
+    decoding_options,
+    load_chat,
+    load_image,
+    load_paint,
+    paint_images,
+)
+
+__all__ = ["build_parser", "main"]
+
+CONVERTERS = {
+    "chat": ("convert_viscpm_chat", "an original VisCPM-Chat checkpoint"),
+    "paint": ("convert_viscpm_paint", "an original VisCPM-Paint checkpoint"),
+    "cpmbee": ("convert_cpmbee", "an original CPM-Bee checkpoint"),
+}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _print_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _interactive(session, image_path: str) -> None:
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chatting about {image_path}; /image PATH for another image, /reset to forget, /exit to leave",
+              file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            break
+        try:
+            if question == "/reset":
+                session.reset()
+                print("(history cleared)", file=sys.stderr)
+            elif question.startswith("/image"):
+                path = question[len("/image"):].strip()
+                if not path:
+                    raise AppError("/image needs a path: /image photo.jpg")
+                session.set_image(load_image(path))
+                print(f"(now chatting about {path}; history cleared)", file=sys.stderr)
+            elif question.startswith("/") and " " not in question:
+                raise AppError(f"unknown command {question}; use /image PATH, /reset or /exit")
+            else:
+                session.ask(question, _print_piece)
+                print()
+        except (AppError, ValueError) as error:  # a bad turn does not end the session
+            print(f"error: {error}", file=sys.stderr)
+
+
+def cmd_chat(args) -> int:
+    import torch
+
+    options = decoding_options("greedy" if args.greedy else "sample" if args.sample else "beam",
+                               num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                               repetition_penalty=args.repetition_penalty, decode_mode=args.decode_mode)
+    if args.question is not None and not args.question.strip():
+        raise AppError("the question is empty; ask something, or leave it out for a multi-turn session", EXIT_USAGE)
+    image = load_image(args.image)
+    chat = load_chat(args.model, args.dtype, args.device, args.variant, args.adapter)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    from viscpm.chat import ChatSession
+
+    session = ChatSession(chat, image, **options)
+    if args.question is None:
+        _interactive(session, args.image)
+        return EXIT_OK
+    session.ask(args.question, None if args.no_stream else _print_piece)
+    if args.no_stream:
+        sys.stdout.write(session.turns[-1][1])
+    print()
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(1, count + 1)]
+
+
+def _save_atomically(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format=_image_format(path))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _image_format(path: Path) -> str:
+    import PIL.Image
+
+    fmt = PIL.Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise AppError(f"cannot save {path}: unknown image extension {path.suffix or '(none)'}; use .png or .jpg",
+                       EXIT_USAGE)
+    return fmt
+
+
+def cmd_paint(args) -> int:
+    import random
+
+    output = Path(args.output).expanduser()
+    _image_format(output)
+    if not output.parent.is_dir():
+        raise AppError(f"cannot write {output}: folder {output.parent} does not exist")
+    pipe = load_paint(args.model, args.dtype, args.device, variant=args.variant)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    images, flagged = paint_images(pipe, args.prompt, args.negative, args.steps, seed, args.size, args.num_images,
+                                   args.guidance_scale)
+    for path, image, bad in zip(_output_paths(output, len(images)), images, flagged):
+        _save_atomically(image, path)
+        note = " (flagged by the safety checker: blacked out)" if bad else ""
+        print(f"wrote {path}{note}")
+    print(f"seed {seed}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Convert, demo, serve
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_script(module: str, argv: list[str], prog: str) -> int:
+    """Run the ``main(argv, prog)`` of a script under ``viscpm.conversion`` (a converter or the Hub push)."""
+    try:
+        status = importlib.import_module(f"viscpm.conversion.{module}").main(argv, prog=prog)
+    except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
+        status = exit_.code
+    return _status(status)
+
+
+def _status(code) -> int:
+    if code is None:
+        return EXIT_OK
+    return code if isinstance(code, int) else EXIT_ERROR
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, vocab_file=args.vocab_file, chat_model=args.chat_model, paint_model=args.paint_model,
+             device=args.device, seed=args.seed, steps=args.steps, size=args.size, question=args.question,
+             prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise AppError("the web app needs gradio: pip install 'viscpm-hf[web]' (or pip install gradio)")
+    for path, kind in ((args.model_chat, "chat"), (args.model_paint, "paint")):
+        check_model(path, kind)
+    from .web import serve
+
+    serve(args.model_chat, args.model_paint, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+          max_new_tokens=args.max_new_tokens)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parser and main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _chat_parser(commands, parents) -> argparse.ArgumentParser:
+    chat = commands.add_parser(
+        "chat", parents=parents, help="answer questions about an image",
+        description="Answer QUESTION about the image; without QUESTION, read questions from stdin one per line (a "
+                    "multi-turn session: /image PATH, /reset, /exit). Answers are printed as they are generated "
+                    "with --greedy or --sample; the default (the original's beam search) prints them when done.")
+    chat.add_argument("model", metavar="MODEL", help="a converted VisCPM-Chat folder, a Hub repo id, or an original "
+                                                     "checkpoint (converted once into a cache)")
+    chat.add_argument("question", metavar="QUESTION", nargs="?", help="the question; leave out for a session")
+    chat.add_argument("--image", required=True, help="the image to talk about")
+    chat.add_argument("--variant", help="which weights of MODEL to load (e.g. v1.1, balance, zhplus)")
+    chat.add_argument("--adapter", help="a PEFT language adapter (folder or Hub repo id) to load on top")
+    mode = chat.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="transformers' greedy search (streamed)")
+    mode.add_argument("--sample", action="store_true", help="sampling (streamed with one beam)")
+    chat.add_argument("--num-beams", type=_positive_int, help="beams (default: the folder's, 3)")
+    chat.add_argument("--max-new-tokens", type=_positive_int, help="longest answer (default: the folder's, 512)")
+    chat.add_argument("--temperature", type=_positive_float, help="softmax temperature")
+    chat.add_argument("--top-p", type=_positive_float, help="nucleus sampling threshold (with --sample)")
+    chat.add_argument("--top-k", type=_positive_int, help="top-k sampling (with --sample)")
+    chat.add_argument("--repetition-penalty", type=_positive_float, help="default: the folder's, 1.1")
+    chat.add_argument("--seed", type=int, help="random seed (for --sample)")
+    chat.add_argument("--decode-mode", choices=["dynamic", "static", "compile", "cuda_graph"],
+                      help="decode step of the beam search: fixed-shape buffers (static), compiled, or a CUDA graph "
+                           "(default: dynamic)")
+    chat.add_argument("--no-stream", action="store_true", help="print each answer only when it is complete")
+    chat.set_defaults(func=cmd_chat)
+    return chat
+
+
+def _paint_parser(commands, parents) -> argparse.ArgumentParser:
+    paint = commands.add_parser("paint", parents=parents, help="draw a picture from a description",
+                                description="Draw PROMPT with a converted VisCPM-Paint folder and save it.")
+    paint.add_argument("model", metavar="MODEL", help="a converted VisCPM-Paint folder (or Hub repo id)")
+    paint.add_argument("prompt", metavar="PROMPT", help="what to draw (Chinese or English)")
+    paint.add_argument("--variant", help="which weights of MODEL to load (e.g. balance, zhplus)")
+    paint.add_argument("-o", "--output", default="viscpm-paint.png",
+                       help="image file to write (default: %(default)s; NAME-1.png, NAME-2.png, ... for several)")
+    paint.add_argument("--negative", help="what the picture should not have")
+    paint.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
+    paint.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    paint.add_argument("--size", type=_image_size, help="width and height in pixels, a multiple of 8 "
+                                                          "(default: the model's, 512)")
+    paint.add_argument("--num-images", type=_positive_int, default=1, help="default: %(default)s")
+    paint.add_argument("--guidance-scale", type=float, default=7.5, help="default: %(default)s")
+    paint.set_defaults(func=cmd_paint)
+    return paint
+
+
+def _convert_parser(commands, parents) -> argparse.ArgumentParser:
+    convert = commands.add_parser("convert", parents=parents, help="convert an original checkpoint",
+                                  description="Convert an original checkpoint into a Hugging Face folder. "
+                                              "`viscpm convert KIND --help` lists each converter's options.")
+    kinds = convert.add_subparsers(dest="kind", metavar="KIND", parser_class=ScriptArgumentParser)
+    kinds.required = True
+    for kind, (_, what) in CONVERTERS.items():
+        kinds.add_parser(kind, help=f"convert {what}", add_help=False)
+    return convert
+
+
+def _demo_parser(commands, parents) -> argparse.ArgumentParser:
+    demo = commands.add_parser(
+        "demo", parents=parents, help="the whole path offline, on tiny random models",
+        description="Build tiny VisCPM-Chat and VisCPM-Paint checkpoints with RANDOM weights in the original "
+                    "format, convert them with the real converters, paint a picture and chat about it. Needs no "
+                    "network. With --chat-model/--paint-model, the same runs on converted real models.")
+    demo.add_argument("--output-dir", default="build/viscpm-demo", help="where the files go (default: %(default)s)")
+    demo.add_argument("--vocab-file", help="the CPM-Bee vocabulary, bee.txt (default: the installed original "
+                                           "VisCPM package's)")
+    demo.add_argument("--chat-model", help="a converted VisCPM-Chat folder to use instead of a tiny random one")
+    demo.add_argument("--paint-model", help="a converted VisCPM-Paint folder to use instead of a tiny random one")
+    demo.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the painting")
+    demo.add_argument("--steps", type=_positive_int, default=10, help="denoising steps (default: %(default)s)")
+    demo.add_argument("--size", type=_image_size, help="picture size in pixels (default: 64 for the tiny "
+                                                         "model, the model's own otherwise)")
+    demo.add_argument("--prompt", help="what to paint")
+    demo.add_argument("--question", help="the first question about the picture")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer (default: "
+                                                                              "%(default)s)")
+    demo.set_defaults(func=cmd_demo)
+    return demo
+
+
+def _serve_parser(commands, parents) -> argparse.ArgumentParser:
+    serve = commands.add_parser("serve", parents=parents, help="the web app (gradio)",
+                                description="Serve a web app with a chat tab and a paint tab.")
+    serve.add_argument("model_chat", metavar="MODEL_CHAT", help="a converted VisCPM-Chat folder")
+    serve.add_argument("model_paint", metavar="MODEL_PAINT", help="a converted VisCPM-Paint folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
+                                                           "0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=_port, default=7860, help="default: %(default)s")
+    serve.add_argument("--max-new-tokens", type=_positive_int, help="longest chat answer (default: the folder's)")
+    serve.set_defaults(func=cmd_serve)
+    return serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = ScriptArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error, and library warnings")
+    runtime = ScriptArgumentParser(add_help=False)
+    runtime.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to run in (default: as saved)")
+    runtime.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+
+    parser = ScriptArgumentParser(prog="viscpm", description="VisCPM-Chat and VisCPM-Paint from the command line.",
+                                  epilog="Exit status: 0 ok, 1 error, 2 usage error. `viscpm COMMAND --help` for "
+                                         "each command.")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the full traceback of an error, and library warnings")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ScriptArgumentParser)
+    commands.required = True
+    parser.commands = {
+        "chat": _chat_parser(commands, [common, runtime]),
+        "paint": _paint_parser(commands, [common, runtime]),
+        "convert": _convert_parser(commands, [common]),
+    }
+    commands.add_parser("push", parents=[common], add_help=False,
+                        help="upload a converted folder or adapter to the Hugging Face Hub (`viscpm push --help`)")
+    parser.commands.update(demo=_demo_parser(commands, [common]), serve=_serve_parser(commands, [common, runtime]))
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a chat QUESTION may also come after the options (``chat MODEL --image X "why?"``), which
+    plain argparse does not match to an optional positional."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "chat" and args.question is None and not extras[0].startswith("-"):
+        args.question, extras = extras[0], extras[1:]
+    if extras:
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("viscpm-hf")
+    except Exception:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool = True):
+    """Hide library warnings and info logs while a command runs (``--debug`` keeps them); restored after."""
+    if not quiet:
+        yield
+        return
+    import warnings
+
+    import diffusers
+    import transformers
+
+    levels = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(levels[0])
+            diffusers.utils.logging.set_verbosity(levels[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        try:
+            # `viscpm convert KIND ...`: everything after KIND belongs to the conversion script.
+            positions = [i for i, arg in enumerate(argv) if arg != "--debug"]
+            if len(positions) >= 2 and argv[positions[0]] == "convert" and argv[positions[1]] in CONVERTERS:
+                kind = argv[positions[1]]
+                script_argv = [arg for arg in argv[positions[1] + 1:] if arg != "--debug"]
+                with _quiet_libraries(not debug):
+                    return run_script(CONVERTERS[kind][0], script_argv, f"viscpm convert {kind}")
+            if positions and argv[positions[0]] == "push":
+                with _quiet_libraries(not debug):
+                    return run_script("push_to_hub", [arg for arg in argv[positions[0] + 1:] if arg != "--debug"],
+                                      "viscpm push")
+            args = parse_args(argv)
+        except SystemExit as exit_:
+            return _status(exit_.code)
+        with _quiet_libraries(not debug):
+            return _status(args.func(args))
+    except AppError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+            return EXIT_ERROR
+        print(f"error: {type(error).__name__}: {first_line(error)[:500]} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""What the apps (command line, demo, web app) share: one error type, loading models and images, decoding
+choices and painting.
+
+Everything a user can get wrong is an :class:`AppError` with a one-line message that says what to do; each app
+shows it its own way (the command line on stderr with an exit status, the web app as a message in the page).
+Heavy imports (torch, transformers, diffusers) happen inside the functions, so that ``viscpm --help`` and usage
+errors do not pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from viscpm.conversion.common import first_line
+from viscpm.conversion.original_format import CHECKPOINT_SUFFIXES
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "AppError",
+    "check_model",
+    "decoding_options",
+    "load_chat",
+    "load_image",
+    "load_paint",
+    "paint_images",
+    "resolve_device",
+]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class AppError(Exception):
+    """A problem the user can fix, shown as one line (``status`` is the command line's exit status)."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_device(name: str | None):
+    """``--device`` as a `torch.device` (default: CUDA when available, else CPU)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise AppError(f"unknown --device {name!r}; use cpu, cuda or cuda:N", EXIT_USAGE) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AppError(f"--device {name} asked for, but no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "\\" not in path
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any(child.suffix.lower() in CHECKPOINT_SUFFIXES for child in folder.iterdir())
+
+
+def check_model(path: str, kind: str) -> str:
+    """Refuse early, in one line, what cannot be a converted ``kind`` ("chat" or "paint") folder.
+
+    A string of the form ``owner/name`` that is not a local path is passed on as a Hub repo id; an original
+    checkpoint file, or a folder holding one, is passed on (`viscpm.conversion.original_format` converts it).
+    """
+    expected = {"chat": "VisCPM-Chat", "paint": "VisCPM-Paint"}[kind]
+    fix = (f"convert the original checkpoint with `viscpm convert {kind} --checkpoint FILE --output-dir DIR`, "
+           "or run `viscpm demo` for a tiny one")
+    local = Path(path).expanduser()
+    if not local.exists():
+        if _looks_like_hub_id(path):
+            return path
+        raise AppError(f"model folder {path} not found; {fix}")
+    if local.is_file():
+        if local.suffix.lower() in CHECKPOINT_SUFFIXES:
+            return str(local)  # an original checkpoint: converted once into a cache folder by from_pretrained
+        raise AppError(f"{path} is a file, not a converted {expected} folder; {fix}")
+    config_file, index_file = local / "config.json", local / "model_index.json"
+    if kind == "chat":
+        if index_file.is_file():
+            raise AppError(f"{path} is a VisCPM-Paint pipeline folder; use `viscpm paint {path} PROMPT`")
+        if not config_file.is_file():
+            if _has_checkpoint(local):
+                return str(local)
+            raise AppError(f"{path} has no config.json, so it is not a converted {expected} folder; {fix}")
+        try:
+            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            raise AppError(f"{config_file} is not a valid JSON config; {fix}") from None
+        if model_type != "viscpm_chat":
+            raise AppError(f"{path} holds a {model_type!r} model, not {expected} ('viscpm_chat')")
+    elif not index_file.is_file():
+        if _has_checkpoint(local):
+            return str(local)
+        if config_file.is_file():
+            raise AppError(f"{path} is a model folder, not a VisCPM-Paint pipeline (no model_index.json); {fix}")
+        raise AppError(f"{path} has no model_index.json, so it is not a converted {expected} folder; {fix}")
+    return str(local)
+
+
+def load_image(path: str | os.PathLike):
+    """An RGB PIL image from a file, or a one-line error saying what is wrong with it."""
+    import PIL.Image
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AppError(f"image {path} not found")
+    if path.is_dir():
+        raise AppError(f"image {path} is a folder; pass an image file (PNG, JPEG, ...)")
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except PIL.UnidentifiedImageError:
+        raise AppError(f"{path} is not an image PIL can read; pass a PNG, JPEG, WebP, ... file") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt image data
+        raise AppError(f"cannot read image {path} ({first_line(error)}); the file may be truncated") from None
+
+
+def load_chat(path: str, dtype: str | None = None, device: str | None = None, variant: str | None = None,
+              adapter: str | None = None):
+    """`VisCPMChat` from a converted folder (or Hub id), with an optional PEFT adapter."""
+    from viscpm.chat import VisCPMChat
+
+    source = check_model(path, "chat")
+    torch_device = resolve_device(device)
+    if adapter is not None and not Path(adapter).expanduser().exists() and not _looks_like_hub_id(adapter):
+        raise AppError(f"adapter {adapter} not found; pass a folder with adapter_config.json (or a Hub repo id)")
+    kwargs: dict[str, Any] = {}
+    if variant is not None:
+        kwargs["variant"] = variant
+    if adapter is not None:
+        kwargs["adapter"] = adapter
+    try:
+        chat = VisCPMChat.from_pretrained(source, dtype=_dtype(dtype), device=torch_device, **kwargs)
+    except Exception as error:
+        raise AppError(f"cannot load VisCPM-Chat from {path}: {first_line(error)[:300]} (is the folder complete? "
+                       "convert it again with `viscpm convert chat`)") from error
+    return chat
+
+
+def load_paint(path: str, dtype: str | None = None, device: str | None = None, progress: bool = True,
+               variant: str | None = None):
+    """`VisCPMPaintPipeline` from a converted folder (or Hub id, or original checkpoint), on ``device``."""
+    from viscpm.conversion.original_format import resolve_original_format
+    from viscpm.modeling import VisCPMPaintPipeline
+
+    source = check_model(path, "paint")
+    torch_device = resolve_device(device)
+    kwargs: dict[str, Any] = {}
+    try:
+        source = resolve_original_format(source, "paint", variant, kwargs)
+        pipe = VisCPMPaintPipeline.from_pretrained(source, torch_dtype=_dtype(dtype), **kwargs).to(torch_device)
+    except Exception as error:
+        raise AppError(f"cannot load VisCPM-Paint from {path}: {first_line(error)[:300]} (is the folder complete? "
+                       "convert it again with `viscpm convert paint`)") from error
+    pipe.set_progress_bar_config(desc="painting", disable=not progress)
+    return pipe
+
+
+def decoding_options(decoding: str = "beam", num_beams: int | None = None, max_new_tokens: int | None = None,
+                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                     repetition_penalty: float | None = None, decode_mode: str | None = None) -> dict:
+    """Generation overrides for `VisCPMChat.chat` from the command-line options.
+
+    ``decoding`` is ``"beam"`` (the original's beam search, the folder's defaults: not streamable), ``"greedy"``
+    (transformers' greedy search) or ``"sample"`` (transformers' sampling, one beam unless ``num_beams``).
+    ``decode_mode`` picks the decode step of the original beam search (``static``, ``compile``, ``cuda_graph``).
+    Options left at None keep the folder's generation config.
+    """
+    options: dict[str, Any] = {}
+    if decode_mode is not None:
+        if decoding != "beam":
+            raise AppError(f"--decode-mode applies to the original beam search; drop --{decoding} or --decode-mode",
+                           EXIT_USAGE)
+        options["decode_mode"] = decode_mode
+    if decoding == "greedy":
+        if num_beams not in (None, 1):
+            raise AppError(f"--greedy decodes one beam; drop --num-beams {num_beams}", EXIT_USAGE)
+        options.update(original_beam_search=False, do_sample=False, num_beams=1)
+    elif decoding == "sample":
+        options.update(do_sample=True, num_beams=num_beams or 1)
+    elif decoding != "beam":
+        raise ValueError(f"unknown decoding {decoding!r}")
+    elif num_beams is not None:
+        options["num_beams"] = num_beams
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: int = 50, seed: int | None = None,
+                 size: int | None = None, num_images: int = 1, guidance_scale: float = 7.5):
+    """Draw ``num_images`` PIL images for ``prompt``; returns ``(images, flagged)``.
+
+    ``flagged[i]`` is True when the safety checker (if the folder has one) blacked out image ``i``. A prompt the
+    prompt checker refuses is a `AppError`.
+    """
+    import torch
+
+    if not prompt.strip():
+        raise AppError("the prompt is empty; describe the picture", EXIT_USAGE)
+    generator = None if seed is None else torch.Generator(pipe.device).manual_seed(seed)
+    try:
+        output = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, height=size, width=size, num_images_per_prompt=num_images,
+                      generator=generator, output_type="pil")
+    except ValueError as error:  # sizes and other values the pipeline refuses
+        raise AppError(first_line(error)) from None
+    if any(output.prompt_refused or []):
+        raise AppError("the prompt checker refused this prompt; rephrase it")
+    flagged = output.nsfw_content_detected or [False] * len(output.images)
+    return output.images, [bool(flag) for flag in flagged]
