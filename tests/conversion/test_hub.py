@@ -35,7 +35,9 @@ from viscpm.conversion.common import ConversionError
 from viscpm.conversion.original_format import resolve_original_format
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+# This interpreter's site-packages, and those a chained venv adds through a .pth file (which -S would skip).
+SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                    *(path for path in sys.path if path.endswith("site-packages"))]))
 QUESTION = "这张图片里有什么？"
 PROMPT, NEGATIVE = "一只可爱的橘猫坐在窗台上", "模糊"
 MAX_NEW_TOKENS = 6
