@@ -397,6 +397,7 @@ def convert_viscpm_chat_checkpoint(
     converted, unmapped, dropped = convert_chat_state_dict(original)
 
     model = build_meta_model(VisCPMChatForConditionalGeneration, config)
+    model.generation_config = VisCPMChatForConditionalGeneration.original_generation_config(config)  # saved below
     differences = _chat_config_differences(converted, config)
     hint = "pass the sizes that belong to this checkpoint (--llm-config, --vision-config, --query-num)"
     validate_state_dict(

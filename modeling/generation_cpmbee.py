@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerateBeamDecoderOnlyOutput
 
 MASKED_LOGIT = -10000.0
 
@@ -539,9 +540,10 @@ class _Selection:
 
 
 class _SearchState:
-    """Per-sample bookkeeping of the original beam search: live beams, finished hypotheses, done flags."""
+    """Per-sample bookkeeping of the original beam search: live beams, finished hypotheses, done flags. ``eos`` is
+    the set of ids that close an answer slot (empty: slots never close; answers end at the length limit)."""
 
-    def __init__(self, answer_segments: list[list[int]], beam_size: int, length_penalty: float, eos: int, bos: int,
+    def __init__(self, answer_segments: list[list[int]], beam_size: int, length_penalty: float, eos: set, bos: int,
                  pad: int):
         self.answer_segments = answer_segments
         self.beam_size = beam_size
@@ -575,10 +577,10 @@ def select_candidates(state: _SearchState, top_scores: list, top_ids: list, widt
             beam, word = divmod(flat_id, width)
             live, row = state.beams[sample][beam], sample * beam_size + beam
             tokens, rows = live.tokens + [(word, live.slot)], live.rows + [row]
-            if final or (word == state.eos and live.slot + 1 == len(slots)):
+            if final or (word in state.eos and live.slot + 1 == len(slots)):
                 hypotheses.add(tokens, rows, value)
                 continue
-            slot, token = (live.slot + 1, state.bos) if word == state.eos else (live.slot, word)
+            slot, token = (live.slot + 1, state.bos) if word in state.eos else (live.slot, word)
             chosen.append((_Beam(slot, tokens, rows), value, row, token, slots[slot]))
             if len(chosen) == beam_size:
                 break
@@ -622,18 +624,39 @@ def _make_decoder(model, decode_mode: str, rows: int, prompt_length: int, last_s
     return CpmBeeStaticDecoder(model, rows, slots, mode=decode_mode, device=device)
 
 
-def run_beam_search(decoder: CpmBeeDecoder, prompt: dict, state: _SearchState, vocab_mask: torch.Tensor,
-                    ext_table_ids, last_step: int, repetition_penalty: float, temperature: float,
-                    vocab_size: int) -> None:
-    """The original's search loop over ``decoder``: from the prefilled prompt, up to ``last_step + 1`` tokens per
-    answer. Each step masks the vocabulary rule, applies the repetition penalty over the answer so far (its ``<s>``
-    included), divides by the temperature, adds the beam scores to the log-probabilities and selects the next
-    beams (see `select_candidates`). The finished answers end up in ``state.hypotheses``."""
-    beam_size, rows = state.beam_size, vocab_mask.shape[0]
-    device = vocab_mask.device
+@dataclass
+class BeamSearchOutput:
+    """What `run_beam_search` found: per sample, its finished hypotheses; per step, the log-probabilities the
+    selection used (``[rows, vocab + ext]``, before the beam scores are added) and the raw logits, when asked for;
+    the decoder's cache after the last step."""
+
+    hypotheses: list[_Hypotheses]
+    scores: tuple | None = None
+    logits: tuple | None = None
+    cache: object = None
+
+
+@torch.no_grad()
+def run_beam_search(model, prompt: dict, answer_segments: list[list[int]], *, beam_size: int, last_step: int,
+                    repetition_penalty: float, length_penalty: float, temperature: float, eos: set, bos: int,
+                    pad: int, decode_mode: str = "dynamic", ext_table_mask=None, unk_allowed=None,
+                    output_scores: bool = False, output_logits: bool = False) -> BeamSearchOutput:
+    """The original's search loop. ``prompt``: ``input_ids`` or ``inputs_embeds`` and the `PROMPT_KEYS` tensors, one
+    row per sample (all given). An answer gets at most ``last_step + 1`` tokens. Each step masks the vocabulary rule,
+    applies the repetition penalty over the answer so far (its ``<s>`` included), divides by the temperature, adds
+    the beam scores to the log-probabilities and selects the next beams (see `select_candidates`)."""
+    batch, prompt_length = prompt["attention_mask"].shape
+    device, config = prompt["attention_mask"].device, model.config
+    rows, ext_table_ids = batch * beam_size, prompt["ext_table_ids"]
+    ext_size = 0 if ext_table_ids is None else ext_table_ids.shape[-1]
+    row_ext_ids = None if ext_table_ids is None else ext_table_ids.repeat_interleave(beam_size, dim=0)
+    vocab_mask = _vocab_rule_mask(config, rows, beam_size, ext_size, ext_table_mask, unk_allowed, device)
+    state = _SearchState(answer_segments, beam_size, length_penalty, eos, bos, pad)
+    decoder = _make_decoder(model, decode_mode, rows, prompt_length, last_step, device)
+    output = BeamSearchOutput(state.hypotheses, () if output_scores else None, () if output_logits else None)
     logits = decoder.prefill(prompt, beam_size)
-    fed = torch.full((rows, 1), state.bos, dtype=torch.long, device=device)  # answer tokens fed (base ids)
-    beam_scores = torch.zeros((rows // beam_size, beam_size), device=device)
+    fed = torch.full((rows, 1), bos, dtype=torch.long, device=device)  # answer tokens fed (base ids)
+    beam_scores = torch.zeros((batch, beam_size), device=device)
     beam_scores[:, 1:] = -1e9
     beam_scores = beam_scores.view(-1)
     for step in range(last_step + 1):
@@ -641,8 +664,14 @@ def run_beam_search(decoder: CpmBeeDecoder, prompt: dict, state: _SearchState, v
             logits = decoder.step(tokens, segments).float()
         if all(state.done):
             break
-        logits = apply_answer_repetition_penalty(logits.masked_fill(vocab_mask, MASKED_LOGIT), fed, repetition_penalty)
-        candidates = (F.log_softmax(logits / temperature, dim=-1) + beam_scores[:, None]).view(len(state.done), -1)
+        if output_logits:
+            output.logits += (logits.clone(),)
+        processed = apply_answer_repetition_penalty(logits.masked_fill(vocab_mask, MASKED_LOGIT), fed,
+                                                    repetition_penalty)
+        log_probs = F.log_softmax(processed / temperature, dim=-1)
+        if output_scores:
+            output.scores += (log_probs.clone(),)
+        candidates = (log_probs + beam_scores[:, None]).view(batch, -1)
         top_scores, top_ids = torch.topk(candidates, 2 * beam_size, dim=1, largest=True, sorted=True)
         selection = select_candidates(state, top_scores.tolist(), top_ids.tolist(), logits.shape[-1], step,
                                       final=step == last_step)
@@ -652,9 +681,110 @@ def run_beam_search(decoder: CpmBeeDecoder, prompt: dict, state: _SearchState, v
         beam_scores = torch.tensor(selection.scores, device=device)
         tokens = torch.tensor(selection.tokens, dtype=torch.long, device=device)
         segments = torch.tensor(selection.segments, dtype=torch.long, device=device)
-        fed = torch.cat([fed[index], base_ids(tokens[:, None], ext_table_ids, vocab_size)], dim=1)
+        fed = torch.cat([fed[index], base_ids(tokens[:, None], row_ext_ids, config.vocab_size)], dim=1)
         if selection.index != list(range(rows)):  # always unchanged with one beam: nothing to move
             decoder.reorder(index)
+    output.cache = decoder.cache
+    return output
+
+
+def prompt_inputs(input_ids, attention_mask=None, segment_ids=None, context_mask=None, segment_rel=None,
+                  ext_table_ids=None, ext_table_sub=None, inputs_embeds=None) -> dict:
+    """The prompt of `run_beam_search`, missing per-token inputs filled in: no padding, one segment, all
+    context (the original's prompt is context)."""
+    batch, prompt_length = input_ids.shape
+    ones = torch.ones((batch, prompt_length), dtype=torch.long, device=input_ids.device)
+    return dict(
+        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+        attention_mask=ones if attention_mask is None else attention_mask,
+        segment_ids=ones * 0 if segment_ids is None else segment_ids,
+        context_mask=ones if context_mask is None else context_mask,
+        segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+    )
+
+
+def default_answer_segments(segment_ids, batch: int) -> list[list[int]]:
+    """One answer slot per sample: the segment of the prompt's final ``<s>``."""
+    segments = [0] * batch if segment_ids is None else segment_ids[:, -1].tolist()
+    return [[int(segment)] for segment in segments]
+
+
+@dataclass
+class OriginalSearch:
+    """The original beam search's settings for one `generate()` call, read from a generation config, and the
+    transformers output built from what it found (see `VisCPMChatForConditionalGeneration.generate`)."""
+
+    beam_size: int
+    last_step: int
+    repetition_penalty: float
+    length_penalty: float
+    temperature: float
+    eos: set
+    bos: int
+    pad: int
+    decode_mode: str
+    num_return_sequences: int
+
+    @classmethod
+    def from_config(cls, config, text_config, prompt_length: int, temperature) -> "OriginalSearch":
+        """``max_new_tokens`` (else ``max_length`` minus the prompt, else transformers' default of 20) caps the new
+        tokens; ``original_max_length`` is the original's own limit (its beams close one step after counting
+        ``original_max_length + 1`` tokens)."""
+        if config.max_new_tokens is not None:
+            cap = config.max_new_tokens
+        elif config.max_length is not None:
+            cap = config.max_length - prompt_length
+            if cap < 1:
+                raise ValueError(f"max_length={config.max_length} leaves no room after the prompt's {prompt_length} "
+                                 "tokens: pass max_new_tokens instead")
+        else:
+            cap = 20
+        last_step = cap - 1
+        if getattr(config, "original_max_length", None) is not None:
+            last_step = min(last_step, config.original_max_length + 1)
+        eos = config.eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        beam_size = config.num_beams or 1
+        num_return_sequences = config.num_return_sequences or 1
+        if num_return_sequences > beam_size:
+            raise ValueError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({beam_size})")
+        decode_mode = getattr(config, "decode_mode", None) or "dynamic"
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        return cls(
+            beam_size=beam_size, last_step=last_step,
+            repetition_penalty=1.0 if config.repetition_penalty is None else config.repetition_penalty,
+            length_penalty=1.0 if config.length_penalty is None else config.length_penalty,
+            temperature=1.0 if temperature is None else temperature, eos=eos,
+            bos=text_config.bos_token_id if config.bos_token_id is None else config.bos_token_id,
+            pad=config.pad_token_id if config.pad_token_id is not None else min(eos, default=text_config.pad_token_id),
+            decode_mode=decode_mode, num_return_sequences=num_return_sequences,
+        )
+
+    def arguments(self) -> dict:
+        """The keyword arguments of `run_beam_search`."""
+        return dict(beam_size=self.beam_size, last_step=self.last_step, repetition_penalty=self.repetition_penalty,
+                    length_penalty=self.length_penalty, temperature=self.temperature, eos=self.eos, bos=self.bos,
+                    pad=self.pad, decode_mode=self.decode_mode)
+
+    def outputs(self, input_ids: torch.Tensor, found: BeamSearchOutput, config):
+        """The prompt followed by the best ``num_return_sequences`` answers of each sample (their tokens, each slot's
+        ``</s>`` included, right-padded), or with ``return_dict_in_generate`` a `GenerateBeamDecoderOnlyOutput`."""
+        best = [item for hypotheses in found.hypotheses for item in hypotheses.ranked()[: self.num_return_sequences]]
+        width = max(len(tokens) for _, tokens, _ in best)
+        new = torch.tensor([[word for word, _ in tokens] + [self.pad] * (width - len(tokens)) for _, tokens, _ in best],
+                           dtype=torch.long, device=input_ids.device).view(len(best), width)
+        sequences = torch.cat([input_ids.repeat_interleave(self.num_return_sequences, dim=0), new], dim=1)
+        if not config.return_dict_in_generate:
+            return sequences
+        beam_indices = torch.tensor([rows + [-1] * (width - len(rows)) for _, _, rows in best], dtype=torch.long,
+                                    device=input_ids.device).view(len(best), width)
+        scores = torch.tensor([score for score, _, _ in best], device=input_ids.device)
+        return GenerateBeamDecoderOnlyOutput(
+            sequences=sequences, sequences_scores=scores if config.output_scores else None, scores=found.scores,
+            logits=found.logits, beam_indices=beam_indices,
+            cache=found.cache if isinstance(found.cache, Cache) else None,
+        )
 
 
 @torch.no_grad()
@@ -695,41 +825,31 @@ def cpmbee_beam_search(
         raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
     check_original_settings(beam_size, max_length, repetition_penalty, length_penalty, temperature)
     config = model.config
-    batch, prompt_length = input_ids.shape
-    device = input_ids.device
+    batch = input_ids.shape[0]
     if answer_segments is None:
-        segments = [0] * batch if segment_ids is None else segment_ids[:, -1].tolist()
-        answer_segments = [[int(segment)] for segment in segments]
+        answer_segments = default_answer_segments(segment_ids, batch)
     if len(answer_segments) != batch or any(len(slots) == 0 for slots in answer_segments):
         raise ValueError("answer_segments needs a non-empty list of segment ids for every sample")
-    ones = torch.ones((batch, prompt_length), dtype=torch.long, device=device)
-    prompt = dict(
-        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-        attention_mask=ones if attention_mask is None else attention_mask,
-        segment_ids=ones * 0 if segment_ids is None else segment_ids,
-        context_mask=ones if context_mask is None else context_mask,
-        segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+    prompt = prompt_inputs(input_ids, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
+                           ext_table_sub, inputs_embeds)
+    eos = {config.eos_token_id}
+    found = run_beam_search(
+        model, prompt, answer_segments, beam_size=beam_size,
+        last_step=max_length + 1,  # the original counts `max_length + 1` answer tokens and closes one step later
+        repetition_penalty=repetition_penalty, length_penalty=length_penalty, temperature=temperature, eos=eos,
+        bos=config.bos_token_id, pad=config.pad_token_id, decode_mode=decode_mode, ext_table_mask=ext_table_mask,
+        unk_allowed=unk_allowed,
     )
-    rows, ext_size = batch * beam_size, 0 if ext_table_ids is None else ext_table_ids.shape[-1]
-    vocab_mask = _vocab_rule_mask(config, rows, beam_size, ext_size, ext_table_mask, unk_allowed, device)
-    state = _SearchState(answer_segments, beam_size, length_penalty, config.eos_token_id, config.bos_token_id,
-                         config.pad_token_id)
-    # The original counts `max_length + 1` answer tokens and closes every beam one step later.
-    last_step = max_length + 1
-    decoder = _make_decoder(model, decode_mode, rows, prompt_length, last_step, device)
-    row_ext_ids = None if ext_table_ids is None else ext_table_ids.repeat_interleave(beam_size, dim=0)
-    run_beam_search(decoder, prompt, state, vocab_mask, row_ext_ids, last_step, repetition_penalty, temperature,
-                    config.vocab_size)
-    return [_answer_slots(hypotheses.ranked()[0][1], len(slots), state.eos)
-            for hypotheses, slots in zip(state.hypotheses, answer_segments)]
+    return [answer_slots(hypotheses.ranked()[0][1], len(slots), eos)
+            for hypotheses, slots in zip(found.hypotheses, answer_segments)]
 
 
-def _answer_slots(tokens: list, count: int, eos: int) -> list[list[int]]:
+def answer_slots(tokens: list, count: int, eos: set) -> list[list[int]]:
     """``(raw id, slot)`` pairs to one id list per answer slot, each without its closing ``</s>``."""
     per_slot = [[] for _ in range(count)]
     for word, slot in tokens:
         per_slot[slot].append(word)
-    return [slot[:-1] if slot and slot[-1] == eos else slot for slot in per_slot]
+    return [slot[:-1] if slot and slot[-1] in eos else slot for slot in per_slot]
 
 
 __all__ = [

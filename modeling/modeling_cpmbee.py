@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_cpmbee import CpmBeeConfig
 from .generation_cpmbee import add_vocab_rule, check_generation_config, check_input_tensors
@@ -167,8 +168,10 @@ class CpmBeeAttention(nn.Module):
         visible: torch.Tensor,
         additive_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        **kwargs,
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and, with ``output_attentions``, the probabilities ``[batch, heads, q, k]``. Without
+        ``additive_mask`` the eager path runs; with it, ``config._attn_implementation``'s kernel."""
         batch, q_len, _ = hidden_states.shape
         shape = (batch, q_len, self.num_heads, self.head_dim)
         query = (self.q_proj(hidden_states) / self.in_scale).view(shape).transpose(1, 2)
@@ -186,7 +189,7 @@ class CpmBeeAttention(nn.Module):
 
         dropout = self.config.dropout if self.training else 0.0
         implementation = self.config._attn_implementation or "eager"
-        if implementation == "eager":
+        if additive_mask is None:  # eager (`CpmBeeModel.run_layers` builds the mask only for the fused kernels)
             output, weights = eager_attention_forward(
                 self, query, key, value, None, self.scaling, dropout, position_bias=position_bias, visible=visible
             )
@@ -199,7 +202,7 @@ class CpmBeeAttention(nn.Module):
             # A row that sees no key is zero in the original; the kernels would average all values instead.
             output = output * visible.any(dim=-1)[..., None, None].to(output.dtype)
         output = self.o_proj(output.reshape(batch, q_len, -1)) / self.out_scale
-        return output, weights
+        return output, (weights if output_attentions else None)
 
 
 class CpmBeeMLP(nn.Module):
@@ -239,14 +242,17 @@ class CpmBeeDecoderLayer(GradientCheckpointingLayer):
         additive_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
-        **kwargs,
-    ) -> torch.Tensor:
-        attended, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_bias, visible, additive_mask, cache=cache
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(hidden_states, attention probabilities or None)``; ``use_cache`` is read by gradient checkpointing,
+        which turns the cache off."""
+        attended, weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_bias, visible, additive_mask, cache=cache,
+            output_attentions=output_attentions,
         )
         hidden_states = (hidden_states + self.dropout(attended)) / self.residual_scale
         fed = self.mlp(self.post_attention_layernorm(hidden_states))
-        return (hidden_states + self.dropout(fed)) / self.residual_scale
+        return (hidden_states + self.dropout(fed)) / self.residual_scale, weights
 
 
 class CpmBeePreTrainedModel(PreTrainedModel):
@@ -297,9 +303,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         """Map raw ids (ids >= vocab_size index the ext table) to (base id, sub index) pairs.
 
         ``validate`` checks the ids against the table (a host sync); decode steps skip it, since a generated id
-        is a column of the logits and so always in the table."""
+        is a column of the logits and so always in the table, and so do traced graphs (`torch.export`,
+        `torch.compile`), which carry no value checks."""
         vocab_size = self.config.vocab_size
         is_ext = input_ids >= vocab_size
+        validate = validate and not torch.compiler.is_compiling()
         if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
             if validate and bool(is_ext.any()):
                 raise ValueError(
@@ -307,8 +315,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
                     "`ext_table_ids` and `ext_table_sub` that CpmBeeTokenizer returned with these ids"
                 )
             return input_ids, torch.zeros_like(input_ids)
-        index = (input_ids - vocab_size).clamp(min=0)
-        if validate and bool((index[is_ext] >= ext_table_ids.shape[-1]).any()):
+        index = (input_ids - vocab_size).clamp(min=0, max=ext_table_ids.shape[-1] - 1)
+        if validate and bool((input_ids - vocab_size >= ext_table_ids.shape[-1]).any()):
             raise ValueError(
                 f"input_ids refer to ext-table entries beyond its size {ext_table_ids.shape[-1]}: the ids and the "
                 "ext table come from different tokenizer calls"
@@ -329,7 +337,10 @@ class CpmBeeModel(CpmBeePreTrainedModel):
 
     def _attention_inputs(self, batch, q_len, past_len, segment_ids, context_mask, attention_mask, segment_rel,
                           device, dtype):
-        """Position bias ``[B, H, q, k]`` and visibility ``[B, q, k]`` for the current queries."""
+        """Position bias ``[B, H, q, k]`` and visibility ``[B, q, k]`` for the current queries.
+
+        Missing per-token inputs take the values of plain text: one segment, every token predicted (not context),
+        which makes attention causal, and no padding."""
         k_len = past_len + q_len
 
         def full_length(tensor, name, default):
@@ -343,7 +354,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             )
 
         segment_ids = full_length(segment_ids, "segment_ids", 0)
-        context_mask = full_length(context_mask, "context_mask", 1).bool()
+        context_mask = full_length(context_mask, "context_mask", 0).bool()
         attention_mask = full_length(attention_mask, "attention_mask", 1).bool()
 
         if segment_rel is None:
@@ -351,8 +362,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         else:
             segment_rel = segment_rel.to(device)
             num_segments = segment_rel.shape[-1]
-            # Checked on the prompt (a host sync); later tokens continue a segment of the prompt.
-            if past_len == 0 and int(segment_ids.max()) >= num_segments:
+            # Checked on the prompt (a host sync; not in traced graphs); later tokens continue a prompt segment.
+            if past_len == 0 and not torch.compiler.is_compiling() and int(segment_ids.max()) >= num_segments:
                 raise ValueError(
                     f"segment_ids go up to {int(segment_ids.max())} but segment_rel covers {num_segments} segments"
                 )
@@ -370,6 +381,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         visible = visible & attention_mask[:, None, :] & attention_mask[:, past_len:, None]
         return position_bias, visible
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -382,30 +394,40 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+        ext_table_mask: torch.Tensor | None = None,
+        unk_allowed: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
         r"""
-        segment_ids (`[batch, seq]`): segment of each token in the structured input (0 = root/plain text).
-        context_mask (`[batch, seq]`): 1 for context tokens, 0 for tokens being predicted (default: all 1).
+        segment_ids (`[batch, seq]`): segment of each token in the structured input (default: all 0, one segment).
+        context_mask (`[batch, seq]`): 1 for context tokens, which see all context tokens (a bidirectional prompt),
+            0 for tokens being predicted, which see the context and earlier predicted tokens (default: all 0, a
+            causal language model over plain text).
         segment_rel (`[batch, n_seg, n_seg]`): relation bucket of each segment pair (0 = same segment).
         ext_table_ids / ext_table_sub (`[batch, ext]`): the batch ext table; ids >= vocab_size index it.
 
+        ext_table_mask / unk_allowed: the tokenizer's decoding rule (which ext entries and whether `<unk>` a row may
+            generate); `generate()` reads them, the forward pass does not (accepted so that
+            ``model(**tokenizer(...))`` works).
+
         With a cache, ``attention_mask``, ``segment_ids`` and ``context_mask`` cover the cached tokens too.
+        `CpmBeeTokenizer` returns all of them for a structured prompt.
         """
-        if cache is None:
-            cache = past_key_values
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
+        use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         if not use_cache:
             cache = None
         elif cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DynamicCache(config=config)
 
         past_len = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
@@ -417,30 +439,47 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             inputs_embeds.device, inputs_embeds.dtype,
         )
         all_hidden_states = [] if output_hidden_states else None
-        hidden_states = self.run_layers(inputs_embeds, position_bias, visible, cache, use_cache, all_hidden_states)
-        return BaseModelOutputWithPast(
+        all_attentions = [] if output_attentions else None
+        hidden_states = self.run_layers(inputs_embeds, position_bias, visible, cache, use_cache, all_hidden_states,
+                                        all_attentions)
+        outputs = BaseModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
+        return outputs if return_dict else outputs.to_tuple()
 
     def run_layers(self, hidden_states, position_bias, visible, cache=None, use_cache=False,
-                   all_hidden_states: list | None = None) -> torch.Tensor:
+                   all_hidden_states: list | None = None, all_attentions: list | None = None) -> torch.Tensor:
         """The decoder layers and the final norm, given the attention inputs of the queries (``[B, H, q, k]`` bias
         and ``[B, q, k]`` visibility); the static decode step calls it too. Collects each layer's input and the
-        output into ``all_hidden_states`` when given."""
+        output into ``all_hidden_states``, and each layer's attention probabilities into ``all_attentions``, when
+        given (the probabilities come from the eager path)."""
         additive_mask = None
-        if (self.config._attn_implementation or "eager") != "eager":
+        if (self.config._attn_implementation or "eager") != "eager" and all_attentions is None:
             additive_mask = position_bias.masked_fill(~visible[:, None], torch.finfo(position_bias.dtype).min)
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(
-                hidden_states, position_bias, visible, additive_mask, cache=cache, use_cache=use_cache
+            hidden_states, weights = layer(
+                hidden_states, position_bias, visible, additive_mask, cache=cache, use_cache=use_cache,
+                output_attentions=all_attentions is not None,
             )
+            if all_attentions is not None:
+                all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
         return hidden_states
+
+
+def extend_per_token(tensor: torch.Tensor | None, length: int, repeat_last: bool) -> torch.Tensor | None:
+    """``[batch, seq]`` per-token input grown to ``length`` columns: new columns repeat the last one, or are 0."""
+    if tensor is None or tensor.shape[-1] >= length:
+        return tensor
+    extra = length - tensor.shape[-1]
+    fill = tensor[:, -1:].expand(-1, extra) if repeat_last else tensor.new_zeros((tensor.shape[0], extra))
+    return torch.cat([tensor, fill], dim=-1)
 
 
 class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
@@ -476,6 +515,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             logits = torch.cat([logits, ext_logits.to(logits.device)], dim=-1)
         return logits
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -488,14 +528,28 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        ext_table_mask: torch.Tensor | None = None,
+        unk_allowed: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        labels (`[batch, seq]`, *optional*): the target *at* each position (-100 where none), as
+            `CpmBeeTokenizer(..., return_labels=True)` builds them; not shifted again.
+        shift_labels (`[batch, seq]`, *optional*): targets already aligned with the positions, as sequence- and
+            context-parallel trainers pass them; for CPM-Bee they are the same kind of targets as ``labels`` and
+            take their place when both are given.
+        num_items_in_batch (*optional*): the number of targets over the whole (accumulated) batch; the loss is then
+            their sum divided by it.
+
+        Other arguments are those of [`CpmBeeModel.forward`].
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -504,34 +558,40 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             segment_rel=segment_rel,
             ext_table_ids=ext_table_ids,
             ext_table_sub=ext_table_sub,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.compute_logits(hidden_states, ext_table_ids, ext_table_sub)
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if bool((labels >= logits.shape[-1]).any()):
-                raise ValueError(
-                    f"labels contain ids >= {logits.shape[-1]} (vocab + ext table): build labels and ext table "
-                    "in the same tokenizer call"
-                )
-            flat_logits = logits.float().reshape(-1, logits.shape[-1])
-            if num_items_in_batch is None:
-                loss = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100)
-            else:
-                loss = F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
-                loss = loss / num_items_in_batch
-
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        targets = shift_labels if shift_labels is not None else labels
+        loss = None if targets is None else self.aligned_loss(logits, targets, num_items_in_batch)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
+        return result if return_dict else result.to_tuple()
+
+    @staticmethod
+    def aligned_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """Cross-entropy (in float32) of ``logits`` against position-aligned ``targets`` (-100: no target); the
+        mean, or the sum divided by ``num_items_in_batch``."""
+        targets = targets.to(logits.device)
+        if not torch.compiler.is_compiling() and bool((targets >= logits.shape[-1]).any()):
+            raise ValueError(
+                f"labels contain ids >= {logits.shape[-1]} (vocab + ext table): build labels and ext table "
+                "in the same tokenizer call"
+            )
+        flat_logits, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        if num_items_in_batch is None:
+            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+        loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
+        return loss / num_items_in_batch
 
     # -- generation -------------------------------------------------------------------------------------------
 
@@ -543,30 +603,18 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
         )
-        # Per-token metadata (and the 2D padding mask, never a prebuilt 4D one) covers cached + new tokens;
-        # the model slices the queries' part itself.
+        # The per-token inputs (and the 2D padding mask, never a prebuilt 4D one) cover cached + new tokens; the
+        # model slices the queries' part itself. Tokens past the prompt (generated, or candidates of assisted
+        # decoding and prompt lookup) continue its last segment and are not context.
+        new = model_inputs["inputs_embeds" if model_inputs.get("input_ids") is None else "input_ids"].shape[1]
+        total = (cache.get_seq_length() if cache is not None else 0) + new
         model_inputs.update(
             attention_mask=attention_mask,
-            segment_ids=segment_ids, context_mask=context_mask, segment_rel=segment_rel,
-            ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
+            segment_ids=extend_per_token(segment_ids, total, repeat_last=True),
+            context_mask=extend_per_token(context_mask, total, repeat_last=False),
+            segment_rel=segment_rel, ext_table_ids=ext_table_ids, ext_table_sub=ext_table_sub,
         )
         return model_inputs
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
-                                            num_new_tokens=1):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        # New tokens continue the segment being predicted, and are not context.
-        if (segment_ids := model_kwargs.get("segment_ids")) is not None:
-            model_kwargs["segment_ids"] = torch.cat(
-                [segment_ids, segment_ids[:, -1:].expand(-1, num_new_tokens)], dim=-1
-            )
-        if (context_mask := model_kwargs.get("context_mask")) is not None:
-            model_kwargs["context_mask"] = torch.cat(
-                [context_mask, context_mask.new_zeros((context_mask.shape[0], num_new_tokens))], dim=-1
-            )
-        return model_kwargs
 
     def generate(self, inputs=None, generation_config=None, logits_processor=None, ext_table_mask=None,
                  unk_allowed=None, **kwargs):

@@ -27,9 +27,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
-from .generation_cpmbee import add_vocab_rule, check_generation_config, check_input_tensors, cpmbee_beam_search
+from .generation_cpmbee import (
+    PROMPT_KEYS,
+    OriginalSearch,
+    add_vocab_rule,
+    check_generation_config,
+    check_input_tensors,
+    cpmbee_beam_search,
+    default_answer_segments,
+    prompt_inputs,
+    run_beam_search,
+)
 from .modeling_cpmbee import CpmBeeForCausalLM
 
 # BEiT-3 numbers positions from 2 (a fairseq convention); rows 0 and 1 of both position tables are never used.
@@ -51,7 +62,7 @@ class VisCPMMultiway(nn.Module):
     """Two copies of a token-wise module: ``image`` for the image tokens, ``query`` for the query tokens.
 
     The two parts of the sequence are kept as separate tensors, so each expert sees only its own tokens;
-    the query part may be ``None`` (an image encoded without queries).
+    either part may be ``None`` (an image encoded without queries; image outputs nobody reads).
     """
 
     def __init__(self, image: nn.Module, query: nn.Module):
@@ -64,8 +75,9 @@ class VisCPMMultiway(nn.Module):
         """Two independent instances of ``make()``."""
         return cls(make(), make())
 
-    def forward(self, image_states: torch.Tensor, query_states: torch.Tensor | None):
-        return self.image(image_states), (None if query_states is None else self.query(query_states))
+    def forward(self, image_states: torch.Tensor | None, query_states: torch.Tensor | None):
+        return (None if image_states is None else self.image(image_states),
+                None if query_states is None else self.query(query_states))
 
 
 class VisCPMVisionEmbeddings(nn.Module):
@@ -166,20 +178,26 @@ class VisCPMVisionAttention(nn.Module):
         states = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return states.view(states.shape[0], states.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, image_states: torch.Tensor, query_states: torch.Tensor | None):
-        query = self._heads(self.q_proj, image_states, query_states)
+    def forward(self, image_states: torch.Tensor, query_states: torch.Tensor | None, image_outputs: bool = True,
+                output_attentions: bool = False):
+        """Both parts attend to both parts. ``image_outputs=False`` computes the query part's outputs only (the
+        image part is ``None``): the image tokens then serve as keys and values only."""
+        query = self._heads(self.q_proj, image_states if image_outputs else None, query_states)
         key = self._heads(self.k_proj, image_states, query_states)
         value = self._heads(self.v_proj, image_states, query_states)
         implementation = self.config._attn_implementation or "eager"
+        if output_attentions:
+            implementation = "eager"  # the fused kernels do not return the probabilities
         attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        output, _ = attention(
+        output, weights = attention(
             self, query, key, value, None, dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling, is_causal=False,
         )
         output = output.reshape(output.shape[0], output.shape[1], -1)
-        split = image_states.shape[1]
-        image_out, query_out = output[:, :split], (output[:, split:] if query_states is not None else None)
-        return self.o_proj(*self.inner_norm(image_out, query_out))
+        split = image_states.shape[1] if image_outputs else 0
+        image_out = output[:, :split] if image_outputs else None
+        query_out = output[:, split:] if query_states is not None else None
+        return self.o_proj(*self.inner_norm(image_out, query_out)), weights
 
 
 class VisCPMVisionMLP(nn.Module):
@@ -213,11 +231,15 @@ class VisCPMVisionLayer(GradientCheckpointingLayer):
     def _add(residual, update):
         return tuple(None if r is None else r + u for r, u in zip(residual, update))
 
-    def forward(self, image_states: torch.Tensor, query_states: torch.Tensor | None = None):
-        states = (image_states, query_states)
-        states = self._add(states, self.attention(*self.attention_norm(*states)))
+    def forward(self, image_states: torch.Tensor, query_states: torch.Tensor | None = None, image_outputs: bool = True,
+                output_attentions: bool = False):
+        """``(image_states, query_states, attention probabilities or None)``; with ``image_outputs=False`` the image
+        part only provides keys and values, and comes out as ``None``."""
+        attended, weights = self.attention(*self.attention_norm(image_states, query_states), image_outputs=image_outputs,
+                                           output_attentions=output_attentions)
+        states = self._add((image_states if image_outputs else None, query_states), attended)
         states = self._add(states, self.mlp(*self.mlp_norm(*states)))
-        return states
+        return (*states, weights)
 
 
 @dataclass
@@ -227,11 +249,13 @@ class VisCPMVisionModelOutput(ModelOutput):
         patches and (when queries were given) the queries, after the final LayerNorm of each part.
     query_hidden_states (`[batch, queries, hidden]`, *optional*): the query part of `last_hidden_state`.
     hidden_states (`tuple`, *optional*): the joint sequence after the embeddings and after each layer.
+    attentions (`tuple`, *optional*): each layer's attention probabilities ``[batch, heads, q, k]``.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     query_hidden_states: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VisCPMVisionPreTrainedModel(PreTrainedModel):
@@ -281,35 +305,62 @@ class VisCPMVisionModel(VisCPMVisionPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         query_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> VisCPMVisionModelOutput:
+        image_outputs: bool = True,
+    ) -> VisCPMVisionModelOutput | tuple:
         r"""
         pixel_values (`[batch, channels, image_size, image_size]`): normalised images.
         query_embeds (`[batch, queries, hidden]` or `[queries, hidden]`, *optional*): tokens read behind the
             image with the query expert (VisCPM-Chat's learned queries).
+        image_outputs (`bool`, defaults to `True`): with ``False`` (and queries), the last layer computes the
+            query outputs only, and `last_hidden_state` holds the queries: what VisCPM-Chat reads. The last layer's
+            image-output weights and the image post-norm are then not used.
         """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
         if query_embeds is not None and query_embeds.dim() == 2:
             query_embeds = query_embeds.expand(pixel_values.shape[0], -1, -1)
+        image_outputs = image_outputs or query_embeds is None
         image_states, query_states = self.embeddings(pixel_values, query_embeds)
         all_hidden_states = () if output_hidden_states else None
-        for layer in self.layers:
+        all_attentions = () if output_attentions else None
+        for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (self._join(image_states, query_states),)
-            image_states, query_states = layer(image_states, query_states)
+            last = index == len(self.layers) - 1
+            image_states, query_states, weights = layer(
+                image_states, query_states, image_outputs=image_outputs or not last,
+                output_attentions=output_attentions,
+            )
+            if output_attentions:
+                all_attentions += (weights,)
         image_states, query_states = self.post_layernorm(image_states, query_states)
         if output_hidden_states:
             all_hidden_states += (self._join(image_states, query_states),)
-        return VisCPMVisionModelOutput(
+        outputs = VisCPMVisionModelOutput(
             last_hidden_state=self._join(image_states, query_states),
             query_hidden_states=query_states,
             hidden_states=all_hidden_states,
+            attentions=all_attentions,
         )
+        return outputs if return_dict else outputs.to_tuple()
+
+    def unused_without_image_outputs(self) -> list[nn.Parameter]:
+        """The weights ``image_outputs=False`` leaves unused: the last layer's image-token outputs (its image query
+        projection, output projection, FFN and norms) and the image post-norm."""
+        last = self.layers[-1]
+        modules = (last.attention.q_proj.image, last.attention.inner_norm.image, last.attention.o_proj.image,
+                   last.mlp_norm.image, last.mlp.image, self.post_layernorm.image)
+        return [param for module in modules for param in module.parameters()]
 
     @staticmethod
     def _join(image_states, query_states):
-        return image_states if query_states is None else torch.cat([image_states, query_states], dim=1)
+        parts = [part for part in (image_states, query_states) if part is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,22 +434,26 @@ class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     vision_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
-class VisCPMChatGenerateOutput(ModelOutput):
-    """`generate(..., return_dict_in_generate=True)` under the original beam search: the sequences (prompt +
-    answer) and the mapped vision states to pass back in a later turn."""
-
-    sequences: torch.LongTensor | None = None
-    vision_hidden_states: torch.FloatTensor | None = None
-
-
-# The original `VisCPMChat.chat()` settings; `max_new_tokens` plays the original's `max_length`.
-# The original applies its temperature inside beam search, which transformers' config does not allow without
-# sampling: it is kept as `beam_temperature` (a `temperature=` passed to `generate()` overrides it).
+# The original `VisCPMChat.chat()` decoding: beam 3, temperature 0.7 (applied inside beam search, which a
+# transformers config only allows with sampling: kept as `beam_temperature`), repetition penalty 1.1, length penalty
+# 3 and `max_length=512` (`original_max_length`). Its beams close two steps after that limit, so an answer has at
+# most 514 tokens: `max_new_tokens=514` never cuts one.
 ORIGINAL_CHAT_GENERATION = dict(
-    num_beams=3, repetition_penalty=1.1, length_penalty=3.0, max_new_tokens=512, do_sample=False,
-    original_beam_search=True, beam_temperature=0.7,
+    num_beams=3, repetition_penalty=1.1, length_penalty=3.0, do_sample=False, original_beam_search=True,
+    beam_temperature=0.7, original_max_length=512, max_new_tokens=514,
 )
+# Settings the original beam search implements (besides the token ids); any other setting must be left unset.
+ORIGINAL_BEAM_SEARCH_SETTINGS = frozenset({
+    "num_beams", "temperature", "beam_temperature", "repetition_penalty", "length_penalty", "max_new_tokens",
+    "max_length", "original_max_length", "decode_mode", "original_beam_search", "do_sample", "num_return_sequences",
+    "output_scores", "output_logits", "return_dict_in_generate", "use_cache", "bos_token_id", "eos_token_id",
+    "pad_token_id", "transformers_version",
+})
+# The model inputs the original beam search reads (besides `input_ids` and the vocabulary rule's masks).
+ORIGINAL_BEAM_SEARCH_INPUTS = frozenset({
+    "pixel_values", "vision_hidden_states", "image_bound", "attention_mask", "segment_ids", "context_mask",
+    "segment_rel", "ext_table_ids", "ext_table_sub", "answer_segments",
+})
 
 
 class VisCPMChatPreTrainedModel(PreTrainedModel):
@@ -448,8 +503,19 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         self.mapping = nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
         self.language_model = CpmBeeForCausalLM(config.text_config)
         self.post_init()
+        # Only the query outputs of the vision encoder are read: its last layer's image-token outputs are neither
+        # computed nor trained (they stay in the state dict, as in the original checkpoints).
+        for param in self.vision_model.unused_without_image_outputs():
+            param.requires_grad_(False)
+
+    @staticmethod
+    def original_generation_config(config: VisCPMChatConfig) -> GenerationConfig:
+        """The original `VisCPMChat.chat()` decoding as a generation config: the original beam search with its
+        settings (beam 3, temperature 0.7, repetition penalty 1.1, length penalty 3, `original_max_length=512`).
+        Converted checkpoints save it as their `generation_config.json`, so `generate(**inputs)` and
+        `pipeline("image-text-to-text")` answer as the original does."""
         text = config.text_config
-        self.generation_config = GenerationConfig(
+        return GenerationConfig(
             **ORIGINAL_CHAT_GENERATION,
             bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
         )
@@ -470,7 +536,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=_input_device(weight), dtype=weight.dtype)
         query = self.query.to(device=pixel_values.device, dtype=weight.dtype)
-        states = self.vision_model(pixel_values, query_embeds=query).query_hidden_states
+        states = self.vision_model(pixel_values, query_embeds=query, image_outputs=False,
+                                   return_dict=True).query_hidden_states
         # No cast to `mapping`'s weight: quantized, it is int8/uint8 (bitsandbytes casts inputs itself).
         return self.mapping(states)
 
@@ -535,6 +602,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     # -- forward --------------------------------------------------------------------------------------------
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -550,14 +618,16 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
-    ) -> VisCPMChatCausalLMOutputWithPast:
+        ext_table_mask: torch.Tensor | None = None,
+        unk_allowed: torch.Tensor | None = None,
+    ) -> VisCPMChatCausalLMOutputWithPast | tuple:
         r"""
         pixel_values (`[batch, 3, image_size, image_size]`, *optional*): the images of the prompts.
         vision_hidden_states (`[batch, query_num, text_hidden]`, *optional*): mapped query outputs of an earlier
@@ -566,8 +636,10 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             found from `segment_ids` when omitted.
 
         The image goes in where `input_ids` hold its slots (the prompt step); later steps pass neither. Other
-        arguments are those of [`CpmBeeForCausalLM.forward`].
+        arguments are those of [`CpmBeeForCausalLM.forward`]; `hidden_states` and `attentions` are the language
+        model's.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if pixel_values is not None or vision_hidden_states is not None:
             if inputs_embeds is not None or input_ids is None:
                 raise ValueError(
@@ -587,21 +659,26 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             segment_rel=segment_rel,
             ext_table_ids=ext_table_ids,
             ext_table_sub=ext_table_sub,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
+            shift_labels=shift_labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             num_items_in_batch=num_items_in_batch,
         )
-        return VisCPMChatCausalLMOutputWithPast(
+        result = VisCPMChatCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             vision_hidden_states=vision_hidden_states,
         )
+        return result if return_dict else result.to_tuple()
 
     # -- generation -----------------------------------------------------------------------------------------
 
@@ -627,94 +704,103 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                 model_inputs.pop(key, None)
         return model_inputs
 
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
-                                            num_new_tokens=1):
-        # New tokens continue the answer segment: CPM-Bee grows its per-token inputs itself.
-        return self.language_model._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 prefix_allowed_tokens_fn=None, streamer=None, ext_table_mask=None, unk_allowed=None,
+                 original_beam_search=None, decode_mode=None, original_max_length=None, **kwargs):
+        """`GenerationMixin.generate` with images (`pixel_values` or `vision_hidden_states`, and `image_bound`), plus
+        CPM-Bee's vocabulary rule when the tokenizer's ``ext_table_mask``/``unk_allowed`` are passed (see
+        [`CpmBeeForCausalLM.generate`]), and the original VisCPM-Chat beam search as a decoding mode.
 
-    def generate(self, inputs=None, generation_config=None, logits_processor=None, ext_table_mask=None,
-                 unk_allowed=None, **kwargs):
-        """`GenerationMixin.generate` with images (`pixel_values` or `vision_hidden_states`, and `image_bound`),
-        plus CPM-Bee's vocabulary rule when the tokenizer's ``ext_table_mask``/``unk_allowed`` are passed (see
-        [`CpmBeeForCausalLM.generate`]).
+        **Selecting the original decoding.** ``original_beam_search=True`` (an argument, or an attribute of the
+        generation config) without sampling runs the original beam search ([`original_beam_search`]); everything
+        else is transformers' own decoding (greedy, sampling, beam search, assisted decoding, ...). Converted
+        checkpoints save [`original_generation_config`] (the original `chat()`: beam 3, temperature 0.7 as
+        ``beam_temperature``, repetition penalty 1.1, length penalty 3, ``original_max_length=512``), so plain
+        ``generate(**inputs)`` and `pipeline("image-text-to-text")` answer as the original does; a model built from
+        a config has transformers' default generation config.
 
-        The default generation config is the original `chat()`'s (beam 3, temperature 0.7 as ``beam_temperature``,
-        repetition penalty 1.1, length penalty 3, ``max_new_tokens=512`` as the original's ``max_length``) with
-        ``original_beam_search=True``: then search without sampling runs [`original_beam_search`], so `generate()`
-        and `pipeline("image-text-to-text")` give the original's answers. Set ``original_beam_search=False`` for
-        transformers' own greedy/beam search (and for streaming); sampling always uses transformers' loop.
-        ``decode_mode`` (argument or generation-config attribute) picks how the original beam search runs its
-        decode steps: ``"dynamic"`` (default), ``"static"``, ``"compile"`` or ``"cuda_graph"`` (see
-        [`~generation_cpmbee.CpmBeeStaticDecoder`]). Returns the prompt followed by each answer and its ``</s>``,
-        right-padded.
+        **Arguments under the original decoding** keep their meaning: ``num_beams`` beams (1 included),
+        ``temperature`` applied inside the search (default: ``beam_temperature``), ``repetition_penalty`` over
+        the answer only and ``length_penalty`` on finished answers (the original's rules), ``max_new_tokens`` (or
+        ``max_length``, prompt included) the most new tokens any sequence gets, ``original_max_length`` the
+        original's own ``max_length`` (its answers run up to two tokens past it), ``eos_token_id`` (an id, a list,
+        or None: never stop early), ``num_return_sequences`` (at most ``num_beams``), ``output_scores``,
+        ``output_logits``, ``return_dict_in_generate`` (a `GenerateBeamDecoderOnlyOutput` with ``sequences``,
+        ``sequences_scores``, ``scores``, ``logits``, ``beam_indices`` and ``cache``) and ``decode_mode``
+        (``"dynamic"``, ``"static"``, ``"compile"``, ``"cuda_graph"``: see
+        [`~generation_cpmbee.CpmBeeStaticDecoder`]). Any other setting, hook or input is refused with an error that
+        names it (pass ``original_beam_search=False`` for transformers' loop). New tokens are each answer slot's
+        tokens and its ``</s>``, right-padded with ``pad_token_id``.
 
-        Arguments are checked before any work: counts must be whole numbers >= 1, temperature and penalties finite,
-        image inputs finite and not meta tensors. ``temperature=0`` is an error, not greedy decoding: the original
-        beam search divides the logits by the temperature (and is deterministic at any temperature).
+        Arguments are checked before any work: counts must be whole numbers >= 1, temperature and penalties
+        finite, image inputs finite and not meta tensors. ``temperature=0`` is an error, not greedy decoding: the
+        original beam search divides the logits by the temperature (and is deterministic at any temperature).
         """
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        if "temperature" not in kwargs and getattr(config, "beam_temperature", None) is not None:
-            kwargs_temperature = config.beam_temperature
-        else:
-            kwargs_temperature = kwargs.get("temperature", config.temperature)
-        original = kwargs.get("original_beam_search", getattr(config, "original_beam_search", False))
-        original = original and not kwargs.get("do_sample", config.do_sample)
-        check_generation_config(config, kwargs, original, temperature=kwargs_temperature)
+        for name, value in (("original_beam_search", original_beam_search), ("decode_mode", decode_mode),
+                            ("original_max_length", original_max_length)):
+            if value is not None:
+                setattr(config, name, value)
+        original = bool(getattr(config, "original_beam_search", False)) and not kwargs.get("do_sample", config.do_sample)
+        temperature = kwargs.get("temperature", getattr(config, "beam_temperature", None) or config.temperature)
+        check_generation_config(config, kwargs, original, temperature)
         check_input_tensors({"inputs": inputs, **kwargs})
-        model_kwargs = config.update(**kwargs)
+        hooks = dict(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                     prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, streamer=streamer)
         if original:
-            unsupported = [name for name in ("streamer", "stopping_criteria", "prefix_allowed_tokens_fn")
-                           if model_kwargs.get(name) is not None] + (["logits_processor"] if logits_processor else [])
-            if unsupported:
-                raise ValueError(
-                    f"{', '.join(unsupported)} need transformers' decoding loop: pass original_beam_search=False "
-                    "(or do_sample=True)"
-                )
-            return self._generate_with_original_beam_search(inputs, config, kwargs_temperature, ext_table_mask,
-                                                            unk_allowed, model_kwargs)
-        if model_kwargs.pop("decode_mode", "dynamic") not in ("dynamic", None):
+            return self._generate_with_original_beam_search(inputs, config, kwargs, temperature, ext_table_mask,
+                                                            unk_allowed, hooks)
+        if decode_mode not in (None, "dynamic"):
             raise ValueError("decode_mode applies to the original beam search (original_beam_search=True without "
                              "sampling); transformers' loop takes cache_implementation instead")
-        logits_processor = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask, unk_allowed)
-        config.original_beam_search = False
-        if config.num_beams == 1:
-            config.length_penalty = 1.0  # only beam search reads it
-        return super().generate(inputs, generation_config=config, logits_processor=logits_processor,
-                                **model_kwargs)
+        if original_max_length is not None:
+            raise ValueError("original_max_length applies to the original beam search (original_beam_search=True "
+                             "without sampling); transformers' loop takes max_new_tokens instead")
+        hooks["logits_processor"] = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask,
+                                                   unk_allowed)
+        for name in ("original_beam_search", "beam_temperature", "original_max_length", "decode_mode"):
+            config.__dict__.pop(name, None)  # ours only: transformers' loop does not read them
+        return super().generate(inputs, generation_config=config, **hooks, **kwargs)
 
-    def _generate_with_original_beam_search(self, inputs, config, temperature, ext_table_mask, unk_allowed,
-                                            model_kwargs: dict):
-        """`generate()` through [`original_beam_search`]: ``model_kwargs`` may hold only the model inputs it reads
-        (`ORIGINAL_BEAM_SEARCH_INPUTS`), ``use_cache`` and ``decode_mode``."""
-        model_kwargs = dict(model_kwargs)
+    def _generate_with_original_beam_search(self, inputs, config, kwargs, temperature, ext_table_mask, unk_allowed,
+                                            hooks):
+        """`generate()` through the original beam search (see [`generate`] for what it honours)."""
+        hooks = sorted(name for name, value in hooks.items() if value)
+        if hooks:
+            raise ValueError(f"{', '.join(hooks)} need transformers' decoding loop: pass original_beam_search=False "
+                             "(or do_sample=True)")
+        model_kwargs = config.update(**kwargs)
+        unsupported = sorted(name for name, value in config.to_diff_dict().items()
+                             if name not in ORIGINAL_BEAM_SEARCH_SETTINGS and not name.startswith("_")
+                             and value not in (None, False))
         input_ids = model_kwargs.pop("input_ids", inputs)
+        unknown = sorted(set(model_kwargs) - ORIGINAL_BEAM_SEARCH_INPUTS)
+        if unsupported or unknown or config.use_cache is False:
+            names = unsupported + unknown + (["use_cache=False"] if config.use_cache is False else [])
+            raise ValueError(f"generate() got arguments the original beam search does not use: {names}; pass "
+                             "original_beam_search=False for transformers' decoding loop")
         if input_ids is None:
             raise ValueError("the original beam search needs `input_ids` (the processor's output)")
-        model_kwargs.pop("use_cache", None)  # it always decodes with a cache
-        decode_mode = model_kwargs.pop("decode_mode", None) or getattr(config, "decode_mode", None) or "dynamic"
-        unknown = sorted(set(model_kwargs) - set(ORIGINAL_BEAM_SEARCH_INPUTS))
-        if unknown:
-            raise ValueError(
-                f"generate() got arguments the original beam search does not use: {unknown}; pass "
-                "original_beam_search=False for transformers' decoding loop"
-            )
-        answers, vision_hidden_states = self.original_beam_search(
-            input_ids, **model_kwargs, ext_table_mask=ext_table_mask, unk_allowed=unk_allowed,
-            beam_size=config.num_beams, max_length=config.max_new_tokens,
-            repetition_penalty=config.repetition_penalty or 1.0, length_penalty=config.length_penalty,
-            temperature=1.0 if temperature is None else temperature, decode_mode=decode_mode,
+        inputs_embeds, _ = self.embed_inputs(
+            input_ids, model_kwargs.get("pixel_values"), model_kwargs.get("vision_hidden_states"),
+            model_kwargs.get("image_bound"), model_kwargs.get("ext_table_ids"), model_kwargs.get("ext_table_sub"),
+            segment_ids=model_kwargs.get("segment_ids"), attention_mask=model_kwargs.get("attention_mask"),
         )
-        eos, pad = self.config.text_config.eos_token_id, self.config.text_config.pad_token_id
-        rows = [[token for slot in answer for token in (*slot, eos)] for answer in answers]
-        width = max(len(row) for row in rows)
-        new = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long,
-                           device=input_ids.device)
-        sequences = torch.cat([input_ids, new], dim=1)
-        if config.return_dict_in_generate:
-            return VisCPMChatGenerateOutput(sequences=sequences, vision_hidden_states=vision_hidden_states)
-        return sequences
+        device = inputs_embeds.device
+        tensors = {key: model_kwargs.get(key) for key in PROMPT_KEYS}
+        tensors = {key: None if value is None else value.to(device) for key, value in tensors.items()}
+        prompt = prompt_inputs(input_ids.to(device), **tensors, inputs_embeds=inputs_embeds)
+        search = OriginalSearch.from_config(config, self.config.text_config, input_ids.shape[1], temperature)
+        answer_segments = model_kwargs.get("answer_segments") or default_answer_segments(
+            prompt["segment_ids"], input_ids.shape[0])
+        found = run_beam_search(
+            self.language_model, prompt, answer_segments, **search.arguments(),
+            ext_table_mask=None if ext_table_mask is None else ext_table_mask.to(device),
+            unk_allowed=None if unk_allowed is None else unk_allowed.to(device),
+            output_scores=bool(config.output_scores), output_logits=bool(config.output_logits),
+        )
+        return search.outputs(input_ids.to(device), found, config)
 
     @torch.no_grad()
     def original_beam_search(
@@ -774,13 +860,6 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             decode_mode=decode_mode,
         )
         return answers, vision_hidden_states
-
-
-# The model inputs `original_beam_search` reads (besides `input_ids` and the vocabulary rule's masks).
-ORIGINAL_BEAM_SEARCH_INPUTS = (
-    "pixel_values", "vision_hidden_states", "image_bound", "attention_mask", "segment_ids", "context_mask",
-    "segment_rel", "ext_table_ids", "ext_table_sub", "answer_segments",
-)
 
 
 __all__ = [

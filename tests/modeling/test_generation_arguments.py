@@ -41,6 +41,7 @@ def tiny(vocab_file):
     chat = VisCPMChatForConditionalGeneration(
         VisCPMChatConfig(vision_config=VISION, text_config=TEXT, query_num=QUERY_NUM)
     ).eval()
+    chat.generation_config = chat.original_generation_config(chat.config)  # as a converted checkpoint saves it
     bee = CpmBeeForCausalLM(CpmBeeConfig(**TEXT)).eval()
     tokenizer = CpmBeeTokenizer(vocab_file)
     return chat, bee, tokenizer
@@ -184,7 +185,8 @@ CHAT_CALL_CASES = [
                          ids=[case[0] for case in CHAT_CALL_CASES])
 def test_viscpm_chat_arguments(tiny, image, arguments, error, words):
     chat, _, tokenizer = tiny
-    processor = VisCPMChatProcessor(VisCPMImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    processor = VisCPMChatProcessor(VisCPMImageProcessor(size={"height": 32, "width": 32}), tokenizer,
+                                    query_num=QUERY_NUM)
     session = VisCPMChat(chat, processor)
     _raises(lambda: session.chat(image(), "What is it?", **{"max_new_tokens": 3, **arguments}), error, words)
 

@@ -62,7 +62,10 @@ def _build(kind):
     classes = {"chat": VisCPMChatForConditionalGeneration, "cpmbee": CpmBeeForCausalLM,
                "paint": VisCPMPaintTextEncoder}
     torch.manual_seed(0)
-    return classes[kind](_config(kind)).eval()
+    model = classes[kind](_config(kind)).eval()
+    if kind == "chat":  # as a converted checkpoint: the original decoding is the saved default
+        model.generation_config = VisCPMChatForConditionalGeneration.original_generation_config(model.config)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def _answer(kind, model, tokenizer, decode_mode="dynamic"):
     """The original beam search's answer tokens: through `generate()` for Chat (its default path)."""
     if kind == "chat":
         inputs = _encode(tokenizer, [CHAT_PROMPT])
-        sequences = model.generate(**inputs, pixel_values=_pixels(), max_new_tokens=BEAM["max_length"],
+        sequences = model.generate(**inputs, pixel_values=_pixels(), original_max_length=BEAM["max_length"],
                                    decode_mode=decode_mode)
         assert torch.equal(sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
         return sequences[0, inputs["input_ids"].shape[1]:].tolist()

@@ -12,7 +12,8 @@ from transformers import pipeline
 
 from viscpm import ChatResponse, VisCPMChat
 
-MAX_NEW_TOKENS = 12  # the original's max_length; short to keep the test fast
+ORIGINAL_MAX_LENGTH = 12  # the original's max_length (ours: original_max_length); short to keep the test fast
+MAX_NEW_TOKENS = 12  # where ours is compared with ours
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _original_answer(chat, image, question, context="", vision_hidden_states=Non
     vlu, model, _, _ = chat
     size = model.config.vision_config.image_size
     defaults = dict(beam_size=3, temperature=0.7, repetition_penalty=1.1, length_penalty=3.0,
-                    max_length=MAX_NEW_TOKENS)
+                    max_length=ORIGINAL_MAX_LENGTH)
     return original_chat_generate(vlu, _original_pixels(image, size), question, context=context,
                                   vision_hidden_states=vision_hidden_states, **{**defaults, **settings})
 
@@ -45,7 +46,7 @@ def _original_answer(chat, image, question, context="", vision_hidden_states=Non
 def test_chat_answers_like_the_original(chat, viscpm_chat, question):
     image = _image(1)
     expected, expected_vision = _original_answer(chat, image, question)
-    answer, context, vision = viscpm_chat.chat(image, question, max_new_tokens=MAX_NEW_TOKENS)
+    answer, context, vision = viscpm_chat.chat(image, question, original_max_length=ORIGINAL_MAX_LENGTH)
     assert answer == expected and answer
     assert context == "User: " + question + "\nAI: " + answer + "\n"
     assert torch.allclose(vision, expected_vision, atol=1e-4, rtol=0)
@@ -53,19 +54,21 @@ def test_chat_answers_like_the_original(chat, viscpm_chat, question):
 
 def test_second_turn_and_beam_one_like_the_original(chat, viscpm_chat):
     image = _image(2)
-    first = viscpm_chat.chat(image, "图里是什么？", max_new_tokens=MAX_NEW_TOKENS)
+    first = viscpm_chat.chat(image, "图里是什么？", original_max_length=ORIGINAL_MAX_LENGTH)
     expected_first, vision = _original_answer(chat, image, "图里是什么？")
     assert first.answer == expected_first
     original_context = "User: 图里是什么？\nAI: " + expected_first + "\n"
     expected, _ = _original_answer(chat, image, "Are you sure?", context=original_context,
                                    vision_hidden_states=vision)
     second = viscpm_chat.chat(None, "Are you sure?", context=first.context,
-                              vision_hidden_states=first.vision_hidden_states, max_new_tokens=MAX_NEW_TOKENS)
+                              vision_hidden_states=first.vision_hidden_states,
+                              original_max_length=ORIGINAL_MAX_LENGTH)
     assert second.answer == expected
     assert second.context.startswith(first.context)
 
     expected_beam1, _ = _original_answer(chat, image, "图里是什么？", beam_size=1)
-    assert viscpm_chat.chat(image, "图里是什么？", num_beams=1, max_new_tokens=MAX_NEW_TOKENS).answer == expected_beam1
+    beam1 = viscpm_chat.chat(image, "图里是什么？", num_beams=1, original_max_length=ORIGINAL_MAX_LENGTH)
+    assert beam1.answer == expected_beam1
 
 
 def test_batch_equals_one_at_a_time(viscpm_chat):
@@ -84,11 +87,12 @@ def test_static_decoding_like_the_original(chat, viscpm_chat):
     """``decode_mode="static"`` (fixed-shape decode step), per call or from the generation config, batched."""
     images, questions = [_image(7), _image(8)], ["图里有𠀀吗？", "What is in the picture?"]
     expected = [_original_answer(chat, image, question)[0] for image, question in zip(images, questions)]
-    batched = viscpm_chat.batch_chat(images, questions, max_new_tokens=MAX_NEW_TOKENS, decode_mode="static")
+    batched = viscpm_chat.batch_chat(images, questions, original_max_length=ORIGINAL_MAX_LENGTH,
+                                     decode_mode="static")
     assert [response.answer for response in batched] == expected
     viscpm_chat.model.generation_config.decode_mode = "static"
     try:
-        assert viscpm_chat.chat(images[0], questions[0], max_new_tokens=MAX_NEW_TOKENS).answer == expected[0]
+        assert viscpm_chat.chat(images[0], questions[0], original_max_length=ORIGINAL_MAX_LENGTH).answer == expected[0]
     finally:
         del viscpm_chat.model.generation_config.decode_mode
     with pytest.raises(ValueError, match="decode_mode applies to the original beam search"):

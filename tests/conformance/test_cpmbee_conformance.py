@@ -1,0 +1,107 @@
+"""CpmBeeModel / CpmBeeForCausalLM under transformers' own common tests (ModelTesterMixin, GenerationTesterMixin,
+ConfigTester), run from the upstream folder (see upstream.py), with tiny models: once with the tokenizer's
+structured inputs (segments, context flags, segment relations, ext table) and once with input_ids only."""
+
+import copy
+import functools
+import unittest
+
+import torch
+from upstream import import_upstream, model_type_tables
+
+from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeeTokenizer
+
+common = import_upstream("tests.test_modeling_common")
+generation = import_upstream("tests.generation.test_utils")
+configuration = import_upstream("tests.test_configuration_common")
+
+TABLES = dict(MODEL_MAPPING_NAMES="CpmBeeModel", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES="CpmBeeForCausalLM")
+TINY_VOCAB_LINES = 120  # the special tokens, ASCII punctuation, digits and letters of bee.txt
+
+
+@functools.cache
+def tiny_tokenizer(tmp_root: str) -> CpmBeeTokenizer:
+    from pathlib import Path
+
+    from oracle import VOCAB_FILE
+
+    lines = Path(VOCAB_FILE).read_text(encoding="utf-8").splitlines()[:TINY_VOCAB_LINES]
+    path = Path(tmp_root) / "tiny_vocab.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return CpmBeeTokenizer(str(path))
+
+
+PROMPTS = [
+    {"input": "a cat", "question": "What is 1+1? 天", "<ans>": ""},
+    {"caption": "big dog 猫", "<ans>": ""},
+]
+
+
+class CpmBeeModelTester:
+    def __init__(self, parent, structured: bool, batch_size=2, seq_length=7, is_training=True):
+        self.parent = parent
+        self.structured = structured
+        self.batch_size = batch_size
+        self.is_training = is_training
+        self.vocab_size = TINY_VOCAB_LINES
+        self.hidden_size = 32
+        self.num_hidden_layers = 2
+        self.num_attention_heads = 4
+        self.head_dim = 8
+        self.intermediate_size = 37
+        if structured:
+            import tempfile
+
+            self.tokenizer = tiny_tokenizer(tempfile.gettempdir())
+            self.encoded = self.tokenizer(copy.deepcopy(PROMPTS[:batch_size]), return_tensors="pt", padding=True)
+            self.seq_length = self.encoded["input_ids"].shape[1]
+        else:
+            self.seq_length = seq_length
+
+    def get_config(self):
+        return CpmBeeConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, position_bias_num_buckets=16,
+            position_bias_num_segment_buckets=16, position_bias_max_distance=32, rotary_dtype="float32",
+        )
+
+    def prepare_config_and_inputs_for_common(self):
+        config = self.get_config()
+        if self.structured:
+            inputs = {key: value.clone() for key, value in self.encoded.items()
+                      if key not in ("ext_table_mask", "unk_allowed")}
+        else:
+            input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+            attention_mask = torch.ones_like(input_ids)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return config, inputs
+
+
+class _CpmBeeConformance(common.ModelTesterMixin, generation.GenerationTesterMixin):
+    all_model_classes = (CpmBeeModel, CpmBeeForCausalLM)
+    structured = True
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tables = model_type_tables("cpmbee", **TABLES)
+        cls._tables.__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tables.__exit__(None, None, None)
+
+    def setUp(self):
+        self.model_tester = CpmBeeModelTester(self, structured=self.structured)
+        self.config_tester = configuration.ConfigTester(self, config_class=CpmBeeConfig, hidden_size=32)
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+
+class CpmBeeStructuredConformanceTest(_CpmBeeConformance, unittest.TestCase):
+    structured = True
+
+
+class CpmBeeInputIdsConformanceTest(_CpmBeeConformance, unittest.TestCase):
+    structured = False
