@@ -125,7 +125,7 @@ def eager_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
     position_bias: torch.Tensor | None = None,
@@ -188,14 +188,16 @@ class CpmBeeAttention(nn.Module):
                     additive_mask = F.pad(additive_mask, (0, extra), value=torch.finfo(additive_mask.dtype).min)
 
         dropout = self.config.dropout if self.training else 0.0
-        implementation = self.config._attn_implementation or "eager"
-        if additive_mask is None:  # eager (`CpmBeeModel.run_layers` builds the mask only for the fused kernels)
+        # Without `additive_mask` the eager path runs (`CpmBeeModel.run_layers` builds the mask for fused kernels
+        # only); the kernels take the bias and the visibility folded into that mask.
+        if additive_mask is None:
             output, weights = eager_attention_forward(
                 self, query, key, value, None, self.scaling, dropout, position_bias=position_bias, visible=visible
             )
         else:
-            # Other kernels take the bias and the visibility folded into one additive mask.
-            attention: Callable = ALL_ATTENTION_FUNCTIONS[implementation]
+            attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
             output, weights = attention(
                 self, query, key, value, additive_mask, dropout=dropout, scaling=self.scaling, is_causal=False
             )

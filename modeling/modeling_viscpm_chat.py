@@ -24,7 +24,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
@@ -185,10 +185,9 @@ class VisCPMVisionAttention(nn.Module):
         query = self._heads(self.q_proj, image_states if image_outputs else None, query_states)
         key = self._heads(self.k_proj, image_states, query_states)
         value = self._heads(self.v_proj, image_states, query_states)
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions:
-            implementation = "eager"  # the fused kernels do not return the probabilities
-        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        # The fused kernels do not return the probabilities: asked for, they come from the eager path.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention(
             self, query, key, value, None, dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling, is_causal=False,
@@ -375,11 +374,13 @@ def find_image_bound(
     *,
     query_num: int,
     unk_token_id: int = 1,
-    bos_token_id: int = 6,
-    eos_token_id: int = 7,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
 ) -> torch.LongTensor:
     """``[batch, 2]`` (start, end) of the image slots in `CpmBeeTokenizer` output: per row, the first segment
-    laid out as ``<s>``, ``query_num`` times ``<unk>``, ``</s>`` (the ``"image"`` leaf of the prompt dict).
+    laid out as an opening token, ``query_num`` times ``<unk>`` and a closing token (the ``"image"`` leaf of the
+    prompt dict: ``<s>`` and ``</s>`` around the slots, also checked when ``bos_token_id``/``eos_token_id`` are
+    given).
 
     Raises `ValueError` for a row without such a segment."""
     bounds = []
@@ -394,9 +395,9 @@ def find_image_bound(
             if len(positions) != query_num + 2 or positions[-1] - positions[0] != query_num + 1:
                 continue
             start, end = positions[0], positions[-1]
-            if ids[start] == bos_token_id and ids[end] == eos_token_id and all(
-                token == unk_token_id for token in ids[start + 1: end]
-            ):
+            opens = bos_token_id is None or ids[start] == bos_token_id
+            closes = eos_token_id is None or ids[end] == eos_token_id
+            if opens and closes and all(token == unk_token_id for token in ids[start + 1: end]):
                 found = (start + 1, end)
                 break
         if found is None:
@@ -429,9 +430,12 @@ class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
     vision_hidden_states (`[batch, query_num, text_hidden]`, *optional*): the mapped query outputs that filled the
         image slots (in the language model's dtype). Pass them back as `vision_hidden_states` in a later turn
         about the same image to skip the vision encoder.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): the vision encoder's output when this call encoded
+        `pixel_values` (see [`~VisCPMChatForConditionalGeneration.get_image_features`]).
     """
 
     vision_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 # The original `VisCPMChat.chat()` decoding: beam 3, temperature 0.7 (applied inside beam search, which a
@@ -531,15 +535,36 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
 
     # -- image features -------------------------------------------------------------------------------------
 
-    def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The mapped query outputs for a batch of images: ``[batch, query_num, text_hidden]``."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision encoder over ``pixel_values`` with the learned queries: ``last_hidden_state`` holds the query
+        outputs ``[batch, query_num, vision_hidden]``, ``pooler_output`` the features that fill the image slots
+        (mapped to CPM-Bee's width, ``[batch, query_num, text_hidden]``); ``hidden_states`` and ``attentions``
+        are the encoder's, when asked for."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         weight = self.vision_model.embeddings.patch_embedding.weight
         pixel_values = pixel_values.to(device=_input_device(weight), dtype=weight.dtype)
         query = self.query.to(device=pixel_values.device, dtype=weight.dtype)
-        states = self.vision_model(pixel_values, query_embeds=query, image_outputs=False,
-                                   return_dict=True).query_hidden_states
+        vision = self.vision_model(
+            pixel_values, query_embeds=query, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True, image_outputs=False,
+        )
         # No cast to `mapping`'s weight: quantized, it is int8/uint8 (bitsandbytes casts inputs itself).
-        return self.mapping(states)
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=vision.query_hidden_states, pooler_output=self.mapping(vision.query_hidden_states),
+            hidden_states=vision.hidden_states, attentions=vision.attentions,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+    def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The mapped query outputs for a batch of images: ``[batch, query_num, text_hidden]`` (what a later turn
+        about the same image passes back as ``vision_hidden_states``)."""
+        return self.get_image_features(pixel_values, return_dict=True).pooler_output
 
     def merge_vision_hidden_states(
         self, inputs_embeds: torch.Tensor, vision_hidden_states: torch.Tensor, image_bound: torch.Tensor
@@ -593,10 +618,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         if image_bound is None:
             if segment_ids is None:
                 raise ValueError("pass image_bound (or segment_ids to find the image slots) with the image")
-            text = self.config.text_config
             image_bound = find_image_bound(
                 input_ids, segment_ids, attention_mask, query_num=self.config.query_num,
-                unk_token_id=text.unk_token_id, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+                unk_token_id=self.config.text_config.unk_token_id,
             )
         return self.merge_vision_hidden_states(embeds, vision_hidden_states, image_bound), vision_hidden_states
 
@@ -640,14 +664,21 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         model's.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        image_outputs = None
         if pixel_values is not None or vision_hidden_states is not None:
             if inputs_embeds is not None or input_ids is None:
                 raise ValueError(
                     "an image goes with the prompt's input_ids (which hold its slots), not with inputs_embeds; "
                     "use `embed_inputs` to build embeddings with the image already in place"
                 )
+            if vision_hidden_states is None:
+                if not torch.compiler.is_compiling():
+                    check_image_inputs(pixel_values=pixel_values)
+                image_outputs = self.get_image_features(pixel_values, output_attentions=output_attentions,
+                                                        output_hidden_states=output_hidden_states, return_dict=True)
+                vision_hidden_states = image_outputs.pooler_output
             inputs_embeds, vision_hidden_states = self.embed_inputs(
-                input_ids, pixel_values, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub,
+                input_ids, None, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub,
                 segment_ids=segment_ids, attention_mask=attention_mask,
             )
             input_ids = None
@@ -677,6 +708,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             vision_hidden_states=vision_hidden_states,
+            image_outputs=image_outputs,
         )
         return result if return_dict else result.to_tuple()
 

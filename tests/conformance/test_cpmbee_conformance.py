@@ -31,9 +31,14 @@ def tiny_tokenizer(tmp_root: str) -> CpmBeeTokenizer:
     return CpmBeeTokenizer(str(path))
 
 
+# Structured prompts: several segments (nested keys), context and predicted tokens, an out-of-vocabulary piece
+# (`<unk>` with the sub index 0) and left padding. They hold no second out-of-vocabulary piece: that would open the
+# batch ext table, whose entries add columns to the logits (vocab_size + ext_size, CPM-Bee's copy mechanism) and
+# ids >= vocab_size to the input, which the upstream shape checks (vocab_size columns, `get_input_embeddings()(ids)`)
+# do not know. The ext table is tested against the original in tests/modeling/test_modeling.py.
 PROMPTS = [
-    {"input": "a cat", "question": "What is 1+1? 天", "<ans>": ""},
-    {"caption": "big dog 猫", "<ans>": ""},
+    {"q": "1+1 𠀀", "<ans>": ""},
+    {"c": {"t": "ab"}, "d": "cd", "<ans>": ""},
 ]
 
 
@@ -63,7 +68,7 @@ class CpmBeeModelTester:
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, head_dim=self.head_dim,
             intermediate_size=self.intermediate_size, position_bias_num_buckets=16,
-            position_bias_num_segment_buckets=16, position_bias_max_distance=32, rotary_dtype="float32",
+            position_bias_num_segment_buckets=32, position_bias_max_distance=32, rotary_dtype="float32",
         )
 
     def prepare_config_and_inputs_for_common(self):
@@ -97,6 +102,17 @@ class _CpmBeeConformance(common.ModelTesterMixin, generation.GenerationTesterMix
 
     def test_config(self):
         self.config_tester.run_common_tests()
+
+    def test_left_padding_compatibility(self):
+        """Structured inputs carry per-token segment ids and context flags: the test's left padding pads them
+        as the tokenizer does (segment 0, not context), through the hook the upstream test provides for this."""
+        _, inputs = self.prepare_config_and_inputs_for_generate()
+        padded = {}
+        for key in ("segment_ids", "context_mask"):
+            if key in inputs:
+                padding = torch.zeros((inputs[key].shape[0], 32), dtype=inputs[key].dtype, device=inputs[key].device)
+                padded[key] = torch.cat([padding, inputs[key]], dim=1)
+        super().test_left_padding_compatibility(padded_custom_inputs=padded)
 
 
 class CpmBeeStructuredConformanceTest(_CpmBeeConformance, unittest.TestCase):
