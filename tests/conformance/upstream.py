@@ -23,6 +23,7 @@ from unittest import mock
 
 ENVIRONMENT_VARIABLE = "VISCPM_HF_UPSTREAM_TESTS"
 REPOSITORY = Path(__file__).resolve().parents[2]
+SHARED_LOCATION = Path("/work/shared/hf-upstream-tests")
 _MARKER = Path("transformers") / "tests" / "test_modeling_common.py"
 
 
@@ -35,7 +36,7 @@ def candidates() -> list[Path]:
     found = []
     if os.environ.get(ENVIRONMENT_VARIABLE):
         found.append(Path(os.environ[ENVIRONMENT_VARIABLE]))
-    found += [REPOSITORY.parent / "shared" / "hf-upstream-tests", Path("/work/shared/hf-upstream-tests")]
+    found += [REPOSITORY.parent / "shared" / "hf-upstream-tests", SHARED_LOCATION]
     return found
 
 
