@@ -5,9 +5,10 @@
     answer, context, _ = chat.chat(image, "What colour is it?", context=context,
                                    vision_hidden_states=vision_hidden_states)
 
-The defaults are the original's (beam 3, temperature 0.7, repetition penalty 1.1, length penalty 3,
-``max_new_tokens=512`` as the original's ``max_length``, the prompt limited to 3000 tokens) and so is the decoding,
-so the answer string equals the original's for the same weights. Unlike the original, what the user types is
+The defaults are the original's (beam 3, temperature 0.7, repetition penalty 1.1, length penalty 3, the
+original's ``max_length=512`` as ``original_max_length``, the prompt limited to 3000 tokens) and so is the decoding:
+they are the converted folder's generation config, which `generate()` and the pipeline read too, so the answer
+string equals the original's for the same weights. Unlike the original, what the user types is
 always text: a ``<`` or ``<ans>`` in a question cannot change the prompt's structure.
 """
 
@@ -115,7 +116,9 @@ class VisCPMChat:
         ``context`` is the history this method returned for the previous turn (``"User: q\\nAI: a\\n"`` per
         turn); ``vision_hidden_states`` from a previous turn about the same image skips the vision encoder.
         ``generation_overrides`` use transformers' names (``num_beams``, ``temperature``,
-        ``repetition_penalty``, ``length_penalty``, ``max_new_tokens``, ``do_sample``, ``top_p``, ...).
+        ``repetition_penalty``, ``length_penalty``, ``max_new_tokens``, ``do_sample``, ``top_p``, ...) plus
+        ``original_max_length`` (the original's own length limit) and ``decode_mode``; ``max_new_tokens`` caps
+        the answer's tokens. See `VisCPMChatForConditionalGeneration.generate` for how each is read.
         """
         return self.batch_chat(
             [image], [question], [context],
