@@ -418,9 +418,9 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         `CpmBeeTokenizer` returns all of them for a structured prompt.
         """
         config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)
@@ -473,6 +473,13 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
         return hidden_states
+
+
+def output_flags(config, output_attentions=None, output_hidden_states=None, return_dict=None) -> tuple:
+    """``(output_attentions, output_hidden_states, return_dict)``: each argument, or the config's value when None."""
+    return (config.output_attentions if output_attentions is None else output_attentions,
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.return_dict if return_dict is None else return_dict)
 
 
 def extend_per_token(tensor: torch.Tensor | None, length: int, repeat_last: bool) -> torch.Tensor | None:

@@ -41,7 +41,7 @@ from .generation_cpmbee import (
     prompt_inputs,
     run_beam_search,
 )
-from .modeling_cpmbee import CpmBeeForCausalLM
+from .modeling_cpmbee import CpmBeeForCausalLM, output_flags
 
 # BEiT-3 numbers positions from 2 (a fairseq convention); rows 0 and 1 of both position tables are never used.
 POSITION_OFFSET = 2
@@ -317,10 +317,9 @@ class VisCPMVisionModel(VisCPMVisionPreTrainedModel):
             query outputs only, and `last_hidden_state` holds the queries: what VisCPM-Chat reads. The last layer's
             image-output weights and the image post-norm are then not used.
         """
-        config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if query_embeds is not None and query_embeds.dim() == 2:
             query_embeds = query_embeds.expand(pixel_values.shape[0], -1, -1)
         image_outputs = image_outputs or query_embeds is None
@@ -561,6 +560,23 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         )
         return outputs if return_dict else outputs.to_tuple()
 
+    def _image_states(self, pixel_values, vision_hidden_states, output_attentions=None, output_hidden_states=None):
+        """``(vision_hidden_states, image_outputs)`` for the image slots: the given states, or those encoded from
+        ``pixel_values`` with the encoder's output; both None without an image. Inputs are checked on the way in
+        (a host sync on the prompt step; traced graphs carry no checks)."""
+        checking = not torch.compiler.is_compiling()
+        if vision_hidden_states is not None:
+            if checking:
+                check_image_inputs(vision_hidden_states=vision_hidden_states)
+            return vision_hidden_states, None
+        if pixel_values is None:
+            return None, None
+        if checking:
+            check_image_inputs(pixel_values=pixel_values)
+        outputs = self.get_image_features(pixel_values, output_attentions=output_attentions,
+                                          output_hidden_states=output_hidden_states, return_dict=True)
+        return outputs.pooler_output, outputs
+
     def get_vision_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The mapped query outputs for a batch of images: ``[batch, query_num, text_hidden]`` (what a later turn
         about the same image passes back as ``vision_hidden_states``)."""
@@ -608,13 +624,15 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         ``vision_hidden_states`` (from an earlier turn) take precedence over ``pixel_values``; with neither, the
         prompt is embedded as text only. Without ``image_bound`` the slots are found from ``segment_ids``
         (see [`find_image_bound`])."""
+        vision_hidden_states, _ = self._image_states(pixel_values, vision_hidden_states)
+        return self._fill_image_slots(input_ids, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub,
+                                      segment_ids, attention_mask)
+
+    def _fill_image_slots(self, input_ids, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub,
+                          segment_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = self.language_model.model.embed(input_ids, ext_table_ids, ext_table_sub)
-        if vision_hidden_states is None and pixel_values is None:
-            return embeds, None
-        if not torch.compiler.is_compiling():  # a host sync on the prompt step; traced graphs carry no checks
-            check_image_inputs(pixel_values=pixel_values, vision_hidden_states=vision_hidden_states)
         if vision_hidden_states is None:
-            vision_hidden_states = self.get_vision_hidden_states(pixel_values)
+            return embeds, None
         vision_hidden_states = vision_hidden_states.to(device=embeds.device, dtype=embeds.dtype)
         if image_bound is None:
             if segment_ids is None:
@@ -660,11 +678,12 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         image_bound (`[batch, 2]`, *optional*): (start, end) of the `query_num` image slots in `input_ids`;
             found from `segment_ids` when omitted.
 
-        The image goes in where `input_ids` hold its slots (the prompt step); later steps pass neither. Other
-        arguments are those of [`CpmBeeForCausalLM.forward`]; `hidden_states` and `attentions` are the language
-        model's.
+        The image goes into the slots of `input_ids` (on the prompt step). Other arguments are those of
+        [`CpmBeeForCausalLM.forward`]; `hidden_states` and `attentions` are the language model's.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         image_outputs = None
         if pixel_values is not None or vision_hidden_states is not None:
             if inputs_embeds is not None or input_ids is None:
@@ -672,15 +691,11 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
                     "an image goes with the prompt's input_ids (which hold its slots), not with inputs_embeds; "
                     "use `embed_inputs` to build embeddings with the image already in place"
                 )
-            if vision_hidden_states is None:
-                if not torch.compiler.is_compiling():
-                    check_image_inputs(pixel_values=pixel_values)
-                image_outputs = self.get_image_features(pixel_values, output_attentions=output_attentions,
-                                                        output_hidden_states=output_hidden_states, return_dict=True)
-                vision_hidden_states = image_outputs.pooler_output
-            inputs_embeds, vision_hidden_states = self.embed_inputs(
-                input_ids, None, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub,
-                segment_ids=segment_ids, attention_mask=attention_mask,
+            vision_hidden_states, image_outputs = self._image_states(
+                pixel_values, vision_hidden_states, output_attentions, output_hidden_states
+            )
+            inputs_embeds, vision_hidden_states = self._fill_image_slots(
+                input_ids, vision_hidden_states, image_bound, ext_table_ids, ext_table_sub, segment_ids, attention_mask
             )
             input_ids = None
         outputs = self.language_model(

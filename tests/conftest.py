@@ -96,3 +96,30 @@ def write_sd_base(folder, unet, vae):
     PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     unet.save_config(folder / "unet")
     return folder
+
+
+# -- transformers' common test mixins (tests/conformance) ------------------------------------------------------------
+
+UPSTREAM_MARKERS = (
+    "generate", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test",
+    "torch_export_test", "onnx_export_test", "executorch_export_test", "timeout(seconds)", "slow",
+    "is_training_test", "is_pipeline_test", "is_tensor_parallel_test",
+)
+
+
+def pytest_configure(config):
+    """Register the markers of the upstream test files that tests/conformance runs."""
+    for marker in UPSTREAM_MARKERS:
+        config.addinivalue_line("markers", f"{marker}: used by the upstream test mixins")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Conformance tests see FutureWarning and DeprecationWarning (pytest.ini ignores them elsewhere): the upstream
+    tests check for some, e.g. the deprecation of ``past_key_values``."""
+    from pathlib import Path
+
+    conformance = Path(__file__).resolve().parent / "conformance"
+    for item in items:
+        if conformance in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.filterwarnings("default::FutureWarning"))
+            item.add_marker(pytest.mark.filterwarnings("default::DeprecationWarning"))

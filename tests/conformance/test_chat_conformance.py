@@ -6,9 +6,8 @@ import copy
 import tempfile
 import unittest
 
-import torch
-from test_cpmbee_conformance import tiny_tokenizer
-from upstream import import_upstream, model_type_tables
+from cpmbee_inputs import left_padded, tiny_tokenizer
+from upstream import UpstreamTables, import_upstream
 
 from viscpm import VisCPMChatConfig, VisCPMChatForConditionalGeneration
 
@@ -63,18 +62,11 @@ class VisCPMChatModelTester:
         return self.get_config(), inputs
 
 
-class VisCPMChatConformanceTest(common.ModelTesterMixin, generation.GenerationTesterMixin, unittest.TestCase):
+class VisCPMChatConformanceTest(UpstreamTables, common.ModelTesterMixin, generation.GenerationTesterMixin,
+                                unittest.TestCase):
     all_model_classes = (VisCPMChatForConditionalGeneration,)
+    model_type, model_tables = "viscpm_chat", TABLES
     _is_composite = True
-
-    @classmethod
-    def setUpClass(cls):
-        cls._tables = model_type_tables("viscpm_chat", **TABLES)
-        cls._tables.__enter__()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tables.__exit__(None, None, None)
 
     def setUp(self):
         self.model_tester = VisCPMChatModelTester(self)
@@ -87,11 +79,7 @@ class VisCPMChatConformanceTest(common.ModelTesterMixin, generation.GenerationTe
         """The prompt's per-token segment ids and context flags are padded as the tokenizer pads them (segment 0,
         not context), through the hook the upstream test provides for model-specific inputs."""
         _, inputs = self.prepare_config_and_inputs_for_generate()
-        padded = {}
-        for key in ("segment_ids", "context_mask"):
-            padding = torch.zeros((inputs[key].shape[0], 32), dtype=inputs[key].dtype, device=inputs[key].device)
-            padded[key] = torch.cat([padding, inputs[key]], dim=1)
-        super().test_left_padding_compatibility(padded_custom_inputs=padded)
+        super().test_left_padding_compatibility(padded_custom_inputs=left_padded(inputs))
 
     @unittest.skip(reason="Chat has no separate base model: vision encoder, queries, mapping and CPM-Bee are its parts")
     def test_model_base_model_prefix(self):

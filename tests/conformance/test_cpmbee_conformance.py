@@ -1,41 +1,27 @@
 """CpmBeeModel / CpmBeeForCausalLM under transformers' own common tests (ModelTesterMixin, GenerationTesterMixin,
 ConfigTester), run from the upstream folder (see upstream.py), with tiny models: once with the tokenizer's
-structured inputs (segments, context flags, segment relations, ext table) and once with input_ids only."""
+structured inputs (segments, context flags, segment relations, padding) and once with input_ids only."""
 
 import copy
-import functools
 import unittest
 
 import torch
-from upstream import import_upstream, model_type_tables
+from cpmbee_inputs import TINY_VOCAB_LINES, left_padded, tiny_tokenizer
+from upstream import UpstreamTables, import_upstream
 
-from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel, CpmBeeTokenizer
+from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
 
 common = import_upstream("tests.test_modeling_common")
 generation = import_upstream("tests.generation.test_utils")
 configuration = import_upstream("tests.test_configuration_common")
 
 TABLES = dict(MODEL_MAPPING_NAMES="CpmBeeModel", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES="CpmBeeForCausalLM")
-TINY_VOCAB_LINES = 120  # the special tokens, ASCII punctuation, digits and letters of bee.txt
-
-
-@functools.cache
-def tiny_tokenizer(tmp_root: str) -> CpmBeeTokenizer:
-    from pathlib import Path
-
-    from oracle import VOCAB_FILE
-
-    lines = Path(VOCAB_FILE).read_text(encoding="utf-8").splitlines()[:TINY_VOCAB_LINES]
-    path = Path(tmp_root) / "tiny_vocab.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return CpmBeeTokenizer(str(path))
-
-
 # Structured prompts: several segments (nested keys), context and predicted tokens, an out-of-vocabulary piece
 # (`<unk>` with the sub index 0) and left padding. They hold no second out-of-vocabulary piece: that would open the
 # batch ext table, whose entries add columns to the logits (vocab_size + ext_size, CPM-Bee's copy mechanism) and
 # ids >= vocab_size to the input, which the upstream shape checks (vocab_size columns, `get_input_embeddings()(ids)`)
-# do not know. The ext table is tested against the original in tests/modeling/test_modeling.py.
+# do not know. The ext table is tested against the original in tests/modeling/test_modeling.py, and under the same
+# contracts (outputs, export, candidates of assisted decoding) in tests/modeling/test_hf_contracts.py.
 PROMPTS = [
     {"q": "1+1 𠀀", "<ans>": ""},
     {"c": {"t": "ab"}, "d": "cd", "<ans>": ""},
@@ -83,18 +69,10 @@ class CpmBeeModelTester:
         return config, inputs
 
 
-class _CpmBeeConformance(common.ModelTesterMixin, generation.GenerationTesterMixin):
+class _CpmBeeConformance(UpstreamTables, common.ModelTesterMixin, generation.GenerationTesterMixin):
     all_model_classes = (CpmBeeModel, CpmBeeForCausalLM)
+    model_type, model_tables = "cpmbee", TABLES
     structured = True
-
-    @classmethod
-    def setUpClass(cls):
-        cls._tables = model_type_tables("cpmbee", **TABLES)
-        cls._tables.__enter__()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tables.__exit__(None, None, None)
 
     def setUp(self):
         self.model_tester = CpmBeeModelTester(self, structured=self.structured)
@@ -107,12 +85,7 @@ class _CpmBeeConformance(common.ModelTesterMixin, generation.GenerationTesterMix
         """Structured inputs carry per-token segment ids and context flags: the test's left padding pads them
         as the tokenizer does (segment 0, not context), through the hook the upstream test provides for this."""
         _, inputs = self.prepare_config_and_inputs_for_generate()
-        padded = {}
-        for key in ("segment_ids", "context_mask"):
-            if key in inputs:
-                padding = torch.zeros((inputs[key].shape[0], 32), dtype=inputs[key].dtype, device=inputs[key].device)
-                padded[key] = torch.cat([padding, inputs[key]], dim=1)
-        super().test_left_padding_compatibility(padded_custom_inputs=padded)
+        super().test_left_padding_compatibility(padded_custom_inputs=left_padded(inputs))
 
 
 class CpmBeeStructuredConformanceTest(_CpmBeeConformance, unittest.TestCase):

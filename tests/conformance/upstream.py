@@ -67,6 +67,25 @@ def import_upstream(module: str):
     return importlib.import_module(module)
 
 
+class UpstreamTables:
+    """unittest mixin: ``model_type_tables(cls.model_type, **cls.model_tables)`` for the duration of the test class
+    (upstream tests read a model's role from transformers' static class tables)."""
+
+    model_type: str = ""
+    model_tables: dict = {}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tables = model_type_tables(cls.model_type, **cls.model_tables)
+        cls._tables.__enter__()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tables.__exit__(None, None, None)
+        super().tearDownClass()
+
+
 @contextlib.contextmanager
 def model_type_tables(model_type: str, **classes: str):
     """Add ``model_type`` to transformers' static class tables for the duration of a test class, e.g.

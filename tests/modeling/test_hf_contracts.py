@@ -116,6 +116,9 @@ def test_chat_outputs_follow_the_arguments(chat, tokenizer):
         assert torch.equal(out.image_outputs.pooler_output, out.vision_hidden_states)
         as_tuple = chat(**inputs, return_dict=False)
         assert isinstance(as_tuple, tuple) and torch.allclose(as_tuple[0], out.logits, atol=1e-5)
+        model = copy.deepcopy(chat)
+        model.config.output_hidden_states = True  # the composite config, not only the text config
+        assert len(model(**inputs).hidden_states) == TEXT["num_hidden_layers"] + 1
 
 
 # -- nothing swallowed (item 6) ------------------------------------------------------------------------------------
