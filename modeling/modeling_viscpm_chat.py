@@ -791,7 +791,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             if value is not None:
                 setattr(config, name, value)
         original = bool(getattr(config, "original_beam_search", False)) and not kwargs.get("do_sample", config.do_sample)
-        temperature = kwargs.get("temperature", getattr(config, "beam_temperature", None) or config.temperature)
+        beam_temperature = getattr(config, "beam_temperature", None)
+        temperature = kwargs.get("temperature", config.temperature if beam_temperature is None else beam_temperature)
         check_generation_config(config, kwargs, original, temperature)
         check_input_tensors({"inputs": inputs, **kwargs})
         hooks = dict(logits_processor=logits_processor, stopping_criteria=stopping_criteria,
@@ -808,7 +809,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         hooks["logits_processor"] = add_vocab_rule(logits_processor, self.config.text_config, ext_table_mask,
                                                    unk_allowed)
         for name in ("original_beam_search", "beam_temperature", "original_max_length", "decode_mode"):
-            config.__dict__.pop(name, None)  # ours only: transformers' loop does not read them
+            if hasattr(config, name):
+                delattr(config, name)  # settings of the original beam search: transformers' loop has no use for them
         return super().generate(inputs, generation_config=config, **hooks, **kwargs)
 
     def _generate_with_original_beam_search(self, inputs, config, kwargs, temperature, ext_table_mask, unk_allowed,
