@@ -88,14 +88,15 @@ def main():
 
     mode = args.decode_mode
     for beams in (3, 1):  # warm-up (and compilation) of the timed calls below
-        chat.chat(image, question, num_beams=beams, max_new_tokens=n, decode_mode=mode)
+        chat.chat(image, question, num_beams=beams, original_max_length=n, decode_mode=mode)
     (answer_o, _), beam_o = best_ms(lambda: original_chat_generate(vlu, pixels, question, **beam), args.repeats)
-    answer_u, beam_u = best_ms(lambda: chat.chat(image, question, max_new_tokens=n, decode_mode=mode).answer,
+    answer_u, beam_u = best_ms(lambda: chat.chat(image, question, original_max_length=n, decode_mode=mode).answer,
                                args.repeats)
     greedy = dict(beam, beam_size=1)
     (answer1_o, _), greedy_o = best_ms(lambda: original_chat_generate(vlu, pixels, question, **greedy), args.repeats)
     answer1_u, beam1_u = best_ms(
-        lambda: chat.chat(image, question, num_beams=1, max_new_tokens=n, decode_mode=mode).answer, args.repeats)
+        lambda: chat.chat(image, question, num_beams=1, original_max_length=n, decode_mode=mode).answer,
+        args.repeats)
     _, greedy_u = best_ms(
         lambda: chat.chat(image, question, num_beams=1, original_beam_search=False, do_sample=False,
                           repetition_penalty=1.0, max_new_tokens=n, min_new_tokens=n),
