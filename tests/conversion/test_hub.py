@@ -35,7 +35,10 @@ from viscpm.conversion.common import ConversionError
 from viscpm.conversion.original_format import resolve_original_format
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
+# This environment's site-packages, and those a `.pth` file chains in (a venv built on another venv's packages);
+# `-S` would skip the `.pth` files, so the isolated interpreter gets the folders themselves.
+SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                    *(path for path in sys.path if Path(path).name == "site-packages")]))
 QUESTION = "这张图片里有什么？"
 PROMPT, NEGATIVE = "一只可爱的橘猫坐在窗台上", "模糊"
 MAX_NEW_TOKENS = 6
