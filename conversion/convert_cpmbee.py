@@ -189,7 +189,7 @@ def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None
     """A :class:`CpmBeeConfig` (see :func:`load_config`): nothing is the 10B model; a dict or file may be the
     original config (``dim_model``, ``num_layers``, ``half``...) or one of ours (``"model_type": "cpmbee"``)."""
     return load_config(CpmBeeConfig, config, "config", "the original CPM-Bee config JSON file",
-                       cpmbee_config_from_original)
+                       cpmbee_config_from_original, sizes={ours: key for key, ours in ORIGINAL_CONFIG_KEYS.items()})
 
 
 def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
@@ -200,7 +200,9 @@ def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBe
     try:
         tokenizer = CpmBeeTokenizer(str(path))
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConversionError(f"cannot read vocabulary {path}: {first_line(error)}") from None
+        raise ConversionError(
+            f"cannot read vocabulary {path}: {first_line(error)}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file"
+        ) from None
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size != config.vocab_size:
         raise ConversionError(
@@ -267,7 +269,8 @@ def convert_cpmbee_checkpoint(
     """
     cfg = load_cpmbee_config(config)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, config, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     tokenizer = load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
 
     source = str(checkpoint)
@@ -283,17 +286,21 @@ def convert_cpmbee_checkpoint(
     hint = "pass the original config of this checkpoint with --config" if config is None else (
         "pass the config that belongs to this checkpoint"
     )
+
+    def describe(key):
+        return cpmbee_original_name(key, prefix, "model.")
+
     validate_state_dict(
         converted,
         expected_parameter_shapes(model),
         unexpected=unmapped,
-        describe=lambda key: cpmbee_original_name(key, prefix, "model."),
+        describe=describe,
         source=source,
         summary=f"the checkpoint has {differences}" if differences else "",
         hint=hint,
     )
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         save_model_folder(
             tmp,
             converted,
@@ -303,6 +310,7 @@ def convert_cpmbee_checkpoint(
             tokenizer=tokenizer,
             max_shard_size=max_shard_size,
             progress=progress,
+            describe=describe,
         )
     return Path(output_dir)
 

@@ -265,8 +265,9 @@ def vision_config_from_original(original: Mapping) -> VisCPMVisionConfig:
 def load_vision_config(config: VisCPMVisionConfig | str | os.PathLike | Mapping | None = None) -> VisCPMVisionConfig:
     """A `VisCPMVisionConfig` (see `load_config`): nothing is BEiT-3 large 224/16; a dict or file holds torchscale
     `EncoderConfig` keys (``encoder_embed_dim``, ``encoder_layers``, ...) or is ours (``"model_type": "viscpm_vision"``)."""
+    sizes = {ours: key for key, ours in ORIGINAL_VISION_KEYS.items() if ours != "hidden_act"}
     return load_config(VisCPMVisionConfig, config, "vision config", "a JSON file of torchscale EncoderConfig keys",
-                       vision_config_from_original)
+                       vision_config_from_original, sizes=sizes)
 
 
 def build_chat_config(llm_config=None, vision_config=None, query_num: int | None = None) -> VisCPMChatConfig:
@@ -374,7 +375,8 @@ def convert_viscpm_chat_checkpoint(
     """
     config = build_chat_config(llm_config, vision_config, query_num)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, llm_config, vision_config, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     processor = None
     if vocab_file is not None:
         image_size = config.vision_config.image_size
@@ -411,7 +413,7 @@ def convert_viscpm_chat_checkpoint(
     for key in dropped:
         logger.info("dropping %s: %s, not used by VisCPM-Chat at inference", prefix + key, CHAT_DROPPED_KEYS[key])
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         save_model_folder(
             tmp,
             converted,
@@ -421,6 +423,7 @@ def convert_viscpm_chat_checkpoint(
             tokenizer=processor,
             max_shard_size=max_shard_size,
             progress=progress,
+            describe=_original_name,
         )
     return Path(output_dir)
 
@@ -461,7 +464,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return run_converter(
         convert_viscpm_chat_checkpoint,
         vocab_file=args.vocab_file,
-        log_to_stderr=__name__,
         checkpoint=args.checkpoint,
         output_dir=args.output_dir,
         llm_config=args.llm_config,

@@ -229,7 +229,8 @@ def convert_viscpm_paint_checkpoint(
         raise ConversionError("no vocabulary given: pass --vocab-file bee.txt (the CPM-Bee vocabulary)")
     text_config = load_cpmbee_config(llm_config)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, llm_config, sd_base, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     tokenizer = load_tokenizer(vocab_file, text_config)
     vae, scheduler, unet_config = load_sd_base(sd_base)
 
@@ -269,14 +270,15 @@ def convert_viscpm_paint_checkpoint(
         hint="pass the Stable Diffusion base this checkpoint was trained on with --sd-base",
     )
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         (tmp / "text_encoder").mkdir()
         save_model_folder(tmp / "text_encoder", text_state, config, VisCPMPaintTextEncoder, dtype=target_dtype,
-                          max_shard_size=max_shard_size, progress=progress)
+                          max_shard_size=max_shard_size, progress=progress, describe=_original_name)
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "unet").mkdir()
         write_safetensors(unet_state, tmp / "unet", dtype=target_dtype, max_shard_size=max_shard_size,
-                          weights_name="diffusion_pytorch_model.safetensors", progress=progress)
+                          weights_name="diffusion_pytorch_model.safetensors", progress=progress,
+                          describe=lambda key: "unet." + key)
         unet.save_config(tmp / "unet")
         if target_dtype is not None:
             vae = vae.to(target_dtype)

@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 from conftest import CHAT_QUERY_NUM, load_script
+from fake_hub_api import calls as _calls
+from fake_hub_api import fake_api  # noqa: F401  (a fixture)
 from PIL import Image
 
 import viscpm  # noqa: F401  (registers the Auto classes)
@@ -273,41 +275,6 @@ def test_code_closure_refuses_imports_a_user_may_lack(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- push script
-
-
-class FakeHfApi:
-    """Records what the push does instead of talking to the Hub."""
-
-    log: list = []
-
-    def __init__(self, token=None, **kwargs):
-        self.log.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.log.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-
-    def create_branch(self, repo_id, **kwargs):
-        self.log.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {}
-        for op in operations:
-            with op.as_file() as handle:
-                files[op.path_in_repo] = handle.read()
-        self.log.append(("create_commit", {"repo_id": repo_id, "files": files, **kwargs}))
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", pr_url=None)
-
-
-@pytest.fixture
-def fake_api(monkeypatch):
-    FakeHfApi.log = []
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    return FakeHfApi
-
-
-def _calls(api, name):
-    return [data for call, data in api.log if call == name]
 
 
 def _card_metadata(card: str) -> dict:
