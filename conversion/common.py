@@ -7,13 +7,17 @@ VisCPM-Paint with the language model under ``llm.``). The converters (``convert_
 * :func:`load_original_checkpoint`: reads a checkpoint without running code from it (``weights_only=True``)
   and without copying it into memory (``mmap=True``); every way of failing is a :class:`ConversionError`
   with a one-line message that names the file and the fix.
-* :class:`KeyMap`: renames original keys to ours, and back again for messages.
-* :func:`build_meta_model`, :func:`expected_parameter_shapes` and :func:`validate_state_dict`: compare a
-  converted state dict with what a config expects, naming every missing, unexpected and mis-shaped key.
+* :class:`KeyMap`: renames original keys to ours (under their prefixes), and back again for messages;
+  :func:`split_by_prefix` separates a model's part of a checkpoint.
+* :func:`check_converted` (:func:`build_meta_model`, :func:`expected_parameter_shapes`,
+  :func:`validate_state_dict`): compare a converted state dict with what a config expects, naming every missing,
+  unexpected and mis-shaped key, and (:func:`sizes_from_shapes`, :func:`config_differences`) which config
+  sizes the checkpoint's shapes contradict.
 * :func:`write_safetensors` (sharded, cast one shard at a time, NaN/inf weights named in a warning),
-  :func:`save_model_folder` and :func:`atomic_output_dir` (a folder appears only once it is complete, its files
-  readable as the umask allows, like any other file the user writes).
-* :func:`load_config` and :func:`run_converter`: config files and the scripts' error handling.
+  :func:`save_model_folder`, :func:`write_model_folder` and :func:`atomic_output_dir` (a folder appears only
+  once it is complete, its files readable as the umask allows, like any other file the user writes).
+* :func:`load_config`, :func:`converter_parser` and :func:`run_converter`: config files, the scripts' common
+  options and their error handling.
 
 Only :class:`ConversionError` is raised for problems with the user's input; anything else is a bug.
 """
@@ -49,20 +53,29 @@ __all__ = [
     "ScriptArgumentParser",
     "atomic_output_dir",
     "build_meta_model",
+    "check_converted",
     "check_output_dir",
+    "config_differences",
+    "converter_parser",
     "default_vocab_file",
     "expected_parameter_shapes",
     "first_line",
-    "is_within",
     "follow_umask",
+    "is_within",
+    "layer_count",
     "load_config",
     "load_original_checkpoint",
     "parse_dtype",
+    "require_file",
     "run_converter",
     "save_model_folder",
+    "shape_of",
     "shorten",
+    "sizes_from_shapes",
+    "split_by_prefix",
     "unwrap_state_dict",
     "validate_state_dict",
+    "write_model_folder",
     "write_safetensors",
 ]
 
@@ -239,20 +252,33 @@ class KeyMap:
         return re.compile(r"(?P<i>\d+)".join(parts) if len(parts) == 2 else parts[0])
 
     @staticmethod
-    def _apply(rules, key: str) -> str | None:
+    def _apply(rules, key: str, strip: str, add: str) -> str | None:
+        if not key.startswith(strip):
+            return None
+        key = key[len(strip):]
         for pattern, template in rules:
             match = pattern.fullmatch(key)
             if match:
-                return template.replace("{i}", match.group("i")) if "{i}" in template else template
+                return add + (template.replace("{i}", match.group("i")) if "{i}" in template else template)
         return None
 
-    def to_hf(self, key: str) -> str | None:
-        """Our name for an original key (without prefixes), or None if the key is not known."""
-        return self._apply(self._forward, key)
+    def to_hf(self, key: str, prefix: str = "", hf_prefix: str = "") -> str | None:
+        """Our name for an original key, or None if it is not known.
 
-    def to_original(self, key: str) -> str | None:
-        """The original name for one of our keys (without prefixes), or None if it is not known."""
-        return self._apply(self._backward, key)
+        ``prefix`` is where the part sits in the original checkpoint (``"llm."``; a key without it is not known),
+        ``hf_prefix`` where it sits in our model (``"language_model.model."``).
+        """
+        return self._apply(self._forward, key, prefix, hf_prefix)
+
+    def to_original(self, key: str, prefix: str = "", hf_prefix: str = "") -> str | None:
+        """The original name for one of our keys (the reverse of :meth:`to_hf`), or None if it is not known."""
+        return self._apply(self._backward, key, hf_prefix, prefix)
+
+
+def split_by_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict, dict]:
+    """``(under, rest)``: the entries whose key starts with ``prefix`` (keys kept whole), and the others."""
+    under = {key: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
+    return under, {key: tensor for key, tensor in state_dict.items() if key not in under}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +351,76 @@ def validate_state_dict(
         message = f"{source} does not match the model config" + (f" ({summary})" if summary else "")
         message += ": " + "; ".join(problems)
         raise ConversionError(message + (f"; {hint}" if hint else ""))
+
+
+def check_converted(
+    state_dict: Mapping[str, torch.Tensor],
+    model_cls: type,
+    config,
+    *,
+    source: str,
+    unexpected: Iterable[str] = (),
+    describe: Callable[[str], str] = lambda key: key,
+    differences: str = "",
+    hint: str = "",
+) -> torch.nn.Module:
+    """Check a converted state dict against ``model_cls(config)`` (built on the meta device, which is returned).
+
+    ``differences`` (see :func:`config_differences`) says what the checkpoint's shapes tell about the config; the
+    other arguments are those of :func:`validate_state_dict`.
+    """
+    model = build_meta_model(model_cls, config)
+    validate_state_dict(
+        state_dict,
+        expected_parameter_shapes(model),
+        unexpected=unexpected,
+        describe=describe,
+        source=source,
+        summary=f"the checkpoint has {differences}" if differences else "",
+        hint=hint,
+    )
+    return model
+
+
+def shape_of(state_dict: Mapping[str, torch.Tensor], key: str, dims: int) -> tuple[int, ...] | None:
+    """The shape of ``state_dict[key]`` when it is there with ``dims`` dimensions, else None."""
+    tensor = state_dict.get(key)
+    return tuple(int(size) for size in tensor.shape) if tensor is not None and tensor.dim() == dims else None
+
+
+def layer_count(keys: Iterable[str], prefix: str) -> int | None:
+    """``1 + the highest N`` among the keys ``{prefix}N.*``, or None if there is none."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    layers = {int(match.group(1)) for key in keys if (match := pattern.match(key))}
+    return max(layers) + 1 if layers else None
+
+
+def sizes_from_shapes(
+    state_dict: Mapping[str, torch.Tensor], table: Iterable[tuple[str, str, int | None, int | None]], prefix: str = ""
+) -> dict[str, int]:
+    """The sizes a checkpoint's shapes show, in the order of ``table`` (for :func:`config_differences`).
+
+    A row ``(name, key, dims, axis)`` reads ``state_dict[prefix + key].shape[axis]`` when that tensor is there with
+    ``dims`` dimensions; a row whose ``axis`` is None counts the layers ``prefix + key + "N."`` instead.
+    """
+    found = {}
+    for name, key, dims, axis in table:
+        if axis is None:
+            value = layer_count(state_dict, prefix + key)
+        else:
+            shape = shape_of(state_dict, prefix + key, dims)
+            value = shape[axis] if shape else None
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def config_differences(found: Mapping[str, int], expected: Mapping[str, int], label: str = "") -> str:
+    """``"name=found not expected, ..."`` for the sizes a checkpoint's shapes show (``found``) that differ from the
+    config's (``expected``); ``label`` goes before each name (e.g. ``"llm "``)."""
+    return ", ".join(
+        f"{label}{name}={value} not {expected[name]}" for name, value in found.items() if expected[name] != value
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +745,23 @@ def save_model_folder(
     return written
 
 
+def write_model_folder(
+    output_dir: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config,
+    model: torch.nn.Module | type,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    **save_options,
+) -> Path:
+    """:func:`save_model_folder` into ``output_dir``, which appears only once complete (see
+    :func:`atomic_output_dir`); ``save_options`` are those of :func:`save_model_folder`."""
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
+        save_model_folder(tmp, state_dict, config, model, **save_options)
+    return Path(output_dir)
+
+
 # --------------------------------------------------------------------------------------------------
 # CPM-Bee
 # --------------------------------------------------------------------------------------------------
@@ -672,6 +785,15 @@ def default_vocab_file() -> str | None:
     return None
 
 
+def require_file(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """``path`` as a Path when it is a file; else a ConversionError: ``"{what} {path} not found; {fix}"`` (or
+    ``is a directory``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{what} {path} {'is a directory' if path.is_dir() else 'not found'}; {fix}")
+    return path
+
+
 def load_config(config_class, config, what: str, expected: str, from_original: Callable[[dict], object],
                 sizes: Mapping[str, str] | None = None):
     """``config_class`` from: nothing (its defaults, the released model), an instance, a dict, or a JSON file.
@@ -689,11 +811,8 @@ def load_config(config_class, config, what: str, expected: str, from_original: C
     sizes = sizes or {}
     source, names = what, {}
     if not isinstance(config, (Mapping, config_class)):
-        path = Path(config)
+        path = require_file(config, what, f"pass {expected}")
         source = str(path)
-        if not path.is_file():
-            state = "is a directory" if path.is_dir() else "not found"
-            raise ConversionError(f"{what} {path} {state}; pass {expected}")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
@@ -736,20 +855,46 @@ class ScriptArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def converter_parser(
+    prog: str | None, description: str, checkpoint_help: str, model_options: Mapping[str, Mapping]
+) -> ScriptArgumentParser:
+    """The command line of a converter: ``--checkpoint``, ``--output-dir``, then ``model_options`` (``{flag:
+    add_argument keywords}``, the model's own), then the options every converter has (``--vocab-file``,
+    ``--dtype``, ``--overwrite``, ``--no-progress``), which :func:`run_converter` passes on."""
+    parser = ScriptArgumentParser(prog=prog, description=description)
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
+    for flag, keywords in model_options.items():
+        parser.add_argument(flag, **keywords)
+    parser.add_argument(
+        "--vocab-file",
+        help="the CPM-Bee vocabulary (bee.txt); default: the one in the installed original VisCPM package",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the written weights; default: keep the checkpoint's",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir once done")
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    return parser
+
+
 class _ScriptLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
 
 
-def run_converter(convert: Callable[..., Path], *, vocab_file: str | None, **kwargs) -> int:
-    """Run ``convert(vocab_file=..., **kwargs)`` for a command-line script and return its exit status.
+def run_converter(convert: Callable[..., Path], args: argparse.Namespace, **options) -> int:
+    """Run ``convert(checkpoint, output_dir, ..., **options)`` for a command-line script; return its exit status.
 
-    Every failure is one line on stderr with status 1 (130 when interrupted), never a traceback; without
-    ``vocab_file`` the vocabulary of the installed original package is used. What the converters log (which keys
-    were dropped; ``warning: ...`` for NaN weights) goes to stderr, one line each.
+    ``args`` come from :func:`converter_parser`: its common options are passed on, ``options`` are the model's
+    own. Every failure is one line on stderr with status 1 (130 when interrupted), never a traceback; without
+    ``--vocab-file`` the vocabulary of the installed original package is used. What the converters log (which
+    keys were dropped; ``warning: ...`` for NaN weights) goes to stderr, one line each.
     """
-    vocab_file = vocab_file or default_vocab_file()
+    vocab_file = args.vocab_file or default_vocab_file()
     if vocab_file is None:
         print(
             "error: no vocabulary found: pass --vocab-file bee.txt (the CPM-Bee vocabulary; it ships in the "
@@ -764,7 +909,8 @@ def run_converter(convert: Callable[..., Path], *, vocab_file: str | None, **kwa
     level = package_logger.level
     package_logger.setLevel(logging.INFO)
     try:
-        output = convert(vocab_file=vocab_file, **kwargs)
+        output = convert(args.checkpoint, args.output_dir, vocab_file=vocab_file, dtype=args.dtype,
+                         overwrite=args.overwrite, progress=not args.no_progress, **options)
     except (ConversionError, OSError) as error:  # OSError: disk full, permission denied, ... while writing
         print(f"error: {error}", file=sys.stderr)
         return 1

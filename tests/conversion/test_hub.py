@@ -456,19 +456,19 @@ def test_local_checkpoint_file(fake_hub, chat_info, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_entry(fake_hub, chat_info, monkeypatch):
-    import viscpm.conversion.convert_viscpm_chat as convert_chat
+    import viscpm.conversion.common as common
 
-    save = convert_chat.save_model_folder
+    save = common.save_model_folder  # what the Chat converter writes its folder with
 
     def crash_midway(folder, *args, **kwargs):
         save(folder, *args, **kwargs)  # everything is written ...
         raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
 
-    monkeypatch.setattr(convert_chat, "save_model_folder", crash_midway)
+    monkeypatch.setattr(common, "save_model_folder", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert _entries(fake_hub) == []  # neither an entry nor a partial folder
-    monkeypatch.setattr(convert_chat, "save_model_folder", save)
+    monkeypatch.setattr(common, "save_model_folder", save)
     VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert len(_entries(fake_hub)) == 1 and len(fake_hub.conversions) == 2
 
