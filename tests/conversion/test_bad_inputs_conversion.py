@@ -40,7 +40,8 @@ NAN_KEYS = {  # an original key per converter whose tensor gets a NaN and an inf
 
 
 def snapshot(root: Path) -> dict:
-    """Everything under ``root`` as ``{relative path: (kind, mode, size, mtime, sha256 or link target)}``."""
+    """Everything under ``root`` as ``{relative path: (kind, mode, size, mtime, content)}``: the content is the
+    sha256 of a file under 1 MiB, the inode of a larger one (the checkpoints), the target of a link."""
     entries = {}
     for here, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -52,8 +53,8 @@ def snapshot(root: Path) -> dict:
             elif path.is_dir():
                 entries[key] = ("dir", oct(info.st_mode))
             else:
-                entries[key] = ("file", oct(info.st_mode), info.st_size, info.st_mtime_ns,
-                                hashlib.sha256(path.read_bytes()).hexdigest())
+                content = hashlib.sha256(path.read_bytes()).hexdigest() if info.st_size < 1 << 20 else info.st_ino
+                entries[key] = ("file", oct(info.st_mode), info.st_size, info.st_mtime_ns, content)
     return entries
 
 
