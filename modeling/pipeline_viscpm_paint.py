@@ -1,23 +1,24 @@
 """VisCPM-Paint as a diffusers pipeline: Stable Diffusion 2.1 conditioned on CPM-Bee (Chinese and English prompts).
 
-It draws the same images as the original VisCPM-Paint for the same weights, settings and ``torch.Generator``:
+It reads like diffusers' `StableDiffusionPipeline` (check_inputs, encode_prompt, prepare_latents, the denoising loop,
+decode, the image safety checker) and draws the same images as the original VisCPM-Paint for the same weights,
+settings and ``torch.Generator``:
 
 * each prompt is the CPM-Bee dict ``{"caption": prompt, "objects": ""}``, the negative prompt (default ``""``)
   the same dict; all of them are right-padded to the longest one, and the UNet sees the padded positions
   (no attention mask), as in the original;
 * classifier-free guidance runs on the batch ``[uncond, cond]``;
-* the initial latents and the scheduler's noise are drawn in the original's order from ``generator``;
-* optional, as in the original: a prompt checker (a text classifier whose label 1 above
-  ``prompt_checker_threshold`` refuses the prompt), the Stable Diffusion image safety checker, and a ranker
-  (a Chinese-CLIP model) that draws ``ranker_candidates`` images per requested image and keeps the one whose
-  CLIP score against the prompt is highest.
+* the initial latents and the scheduler's noise are drawn in the original's order from ``generator``.
 
-Speed: each call encodes its prompts and negatives in one text-encoder batch and draws every image (ranker
-candidates included) in one UNet batch; the ranker scores all candidates in one batch. The usual diffusers recipes
-keep the images within float tolerance of the plain path: ``pipe.unet.to(memory_format=torch.channels_last)`` (and
-the VAE), ``pipe.fuse_qkv_projections()``, ``pipe.unet = torch.compile(pipe.unet)``; attention runs through SDPA
-(diffusers' default processors). [`~VisCPMPaintPipeline.enable_prompt_cache`] (opt-in) reuses the text conditioning
-across calls that repeat a prompt.
+The original's prompt checker and best-of-N ranker are not part of the pipeline: `viscpm.VisCPMPaint` (the drop-in
+for the original class) wraps the pipeline with them. Folders written before that split list them in
+``model_index.json``; the pipeline leaves those entries to `VisCPMPaint` (see [`VisCPMPaintPipeline.extract_init_dict`]).
+
+Speed: each call encodes its prompts and negatives in one text-encoder batch and draws every image in one UNet batch.
+The usual diffusers recipes keep the images within float tolerance of the plain path:
+``pipe.unet.to(memory_format=torch.channels_last)`` (and the VAE), ``pipe.fuse_qkv_projections()``,
+``pipe.unet = torch.compile(pipe.unet)``; attention runs through SDPA (diffusers' default processors).
+[`~VisCPMPaintPipeline.enable_prompt_cache`] (opt-in) reuses the text conditioning across calls that repeat a prompt.
 
 Only torch, transformers and diffusers are imported: the file also ships as remote code.
 """
@@ -45,6 +46,17 @@ from .tokenization_cpmbee import CpmBeeTokenizer
 
 logger = logging.get_logger(__name__)
 
+LEGACY_ENTRIES = (
+    "prompt_checker",
+    "prompt_checker_tokenizer",
+    "ranker",
+    "ranker_processor",
+    "prompt_checker_threshold",
+    "ranker_candidates",
+)
+"""``model_index.json`` entries that belong to `viscpm.VisCPMPaint` (its prompt checker and ranker and their
+settings): folders converted or saved before the pipeline/user-API split list them, `VisCPMPaint` reads them."""
+
 
 @dataclass
 class VisCPMPaintPipelineOutput(BaseOutput):
@@ -52,15 +64,13 @@ class VisCPMPaintPipelineOutput(BaseOutput):
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` `[N, H, W, 3]` or `torch.Tensor` `[N, 3, H, W]`): the images,
             ``num_images_per_prompt`` per prompt, prompt-major (latents for ``output_type="latent"``). Images that
-            the safety checker flagged and images of refused prompts are black.
+            the safety checker flagged are black.
         nsfw_content_detected (`list[bool | None]`): per image, whether the image safety checker flagged it;
-            ``None`` where it did not run (no checker, a refused prompt, or ``output_type="latent"``).
-        prompt_refused (`list[bool]`): per image, whether the prompt checker refused its prompt (nothing was drawn).
+            ``None`` where it did not run (no checker, or ``output_type="latent"``).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool | None]
-    prompt_refused: list[bool]
 
 
 class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
@@ -73,22 +83,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`]): Stable Diffusion 2.1 parts.
         scheduler: the original's `DDPMScheduler`; any compatible diffusers scheduler can be swapped in.
         safety_checker ([`StableDiffusionSafetyChecker`], *optional*) + feature_extractor (its image processor).
-        prompt_checker (a `*ForSequenceClassification` model, *optional*) + prompt_checker_tokenizer.
-        ranker (`ChineseCLIPModel` or any CLIP-like model with `logits_per_image`, *optional*) + ranker_processor.
 
     From [`StableDiffusionMixin`]: `fuse_qkv_projections` / `unfuse_qkv_projections` (UNet and VAE) and
     `enable_freeu` / `disable_freeu`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = [
-        "safety_checker",
-        "feature_extractor",
-        "prompt_checker",
-        "prompt_checker_tokenizer",
-        "ranker",
-        "ranker_processor",
-    ]
+    _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -101,21 +102,10 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler: KarrasDiffusionSchedulers,
         safety_checker=None,
         feature_extractor=None,
-        prompt_checker=None,
-        prompt_checker_tokenizer=None,
-        ranker=None,
-        ranker_processor=None,
-        prompt_checker_threshold: float = 0.75,
-        ranker_candidates: int = 4,
     ):
         super().__init__()
-        for name, model, partner in (
-            ("safety_checker", safety_checker, feature_extractor),
-            ("prompt_checker", prompt_checker, prompt_checker_tokenizer),
-            ("ranker", ranker, ranker_processor),
-        ):
-            if model is not None and partner is None:
-                raise ValueError(f"`{name}` needs its preprocessor too (feature_extractor / *_tokenizer / *_processor)")
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("`safety_checker` needs its image processor too: pass `feature_extractor`")
         self.register_modules(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -124,17 +114,21 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             scheduler=scheduler,
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
-            prompt_checker=prompt_checker,
-            prompt_checker_tokenizer=prompt_checker_tokenizer,
-            ranker=ranker,
-            ranker_processor=ranker_processor,
         )
-        self.register_to_config(prompt_checker_threshold=prompt_checker_threshold, ranker_candidates=ranker_candidates)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._prompt_cache = None
 
-    # ------------------------------------------------------------------ properties
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """As diffusers', minus the entries of `LEGACY_ENTRIES`: a folder that lists the prompt checker or the ranker
+        (read by `viscpm.VisCPMPaint`) loads as a plain pipeline, without a warning about them."""
+        config_dict = {key: value for key, value in config_dict.items() if key not in LEGACY_ENTRIES}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @property
+    def default_sample_size(self) -> int:
+        return self.unet.config.sample_size if getattr(self, "unet", None) is not None else 64
 
     @property
     def guidance_scale(self):
@@ -199,8 +193,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         )
         keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub")
-        inputs = {name: inputs[name].to(device) for name in keys}
-        embeds = self.text_encoder(**inputs).last_hidden_state
+        embeds = self.text_encoder(**{name: inputs[name].to(device) for name in keys}).last_hidden_state
         if key is not None:
             cache.put(key, embeds)
         return embeds
@@ -208,9 +201,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int,
-        do_classifier_free_guidance: bool,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -222,6 +215,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         a prompt and its negative to the longer of the two. With [`enable_prompt_cache`], a batch of texts seen
         before is not encoded again.
         """
+        device = device or self._execution_device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             texts = list(prompts)
@@ -233,30 +227,32 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             else:
                 prompt_embeds = embeds
         elif do_classifier_free_guidance and negative_prompt_embeds is None:
-            batch, length = prompt_embeds.shape[:2]
-            negatives = self._negatives(negative_prompt, batch)
-            lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives],
-                                                          padding=False)["input_ids"]]
-            if max(lengths) > length:
-                raise ValueError(
-                    f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
-                    "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
-                )
-            negative_prompt_embeds = self._encode_texts(negatives, device, min_length=length)
+            negative_prompt_embeds = self._encode_negatives_for(prompt_embeds, negative_prompt, device)
 
         dtype = self.unet.dtype if getattr(self, "unet", None) is not None else prompt_embeds.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
-        if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(
-                    f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
-                    f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
-                )
-        else:
-            negative_prompt_embeds = None
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
+                f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
+            )
         return prompt_embeds, negative_prompt_embeds
+
+    def _encode_negatives_for(self, prompt_embeds: torch.Tensor, negative_prompt, device) -> torch.Tensor:
+        """The negative prompts' conditioning, padded to the length of the given ``prompt_embeds``."""
+        batch, length = prompt_embeds.shape[:2]
+        negatives = self._negatives(negative_prompt, batch)
+        lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives], padding=False)["input_ids"]]
+        if max(lengths) > length:
+            raise ValueError(
+                f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
+                "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
+            )
+        return self._encode_texts(negatives, device, min_length=length)
 
     @staticmethod
     def _negatives(negative_prompt, batch_size: int) -> list[str]:
@@ -271,18 +267,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise TypeError("`negative_prompt` must be a str or a list of str")
         return negatives
 
-    # ------------------------------------------------------------------ checks
-
-    @torch.no_grad()
-    def check_prompts(self, prompts: list[str], device=None) -> list[bool]:
-        """Per prompt, True when the prompt checker refuses it (its label 1 scores above the threshold)."""
-        if self.prompt_checker is None:
-            return [False] * len(prompts)
-        device = device or self._execution_device
-        inputs = self.prompt_checker_tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
-        logits = self.prompt_checker(**inputs.to(device)).logits
-        unsafe = logits.float().softmax(-1)[:, 1]
-        return [bool(score > self.config.prompt_checker_threshold) for score in unsafe]
+    # ------------------------------------------------------------------ images
 
     def run_safety_checker(self, images: np.ndarray, device, dtype) -> tuple[np.ndarray, list[bool | None]]:
         """Black out the images the safety checker flags; ``images`` are ``[N, H, W, 3]`` floats in [0, 1]."""
@@ -298,24 +283,29 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             logger.warning("Potential NSFW content was detected in one or more images: they are replaced by black images.")
         return images, flagged
 
-    @torch.no_grad()
-    def rank(self, prompt: str | list[str], images: list[PIL.Image.Image], device=None) -> torch.Tensor:
-        """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``: ``[len(images)]``; for a
-        list of prompts, ``[len(images), len(prompts)]`` (every image against every prompt, in one batch)."""
-        device = device or self._execution_device
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        inputs = self.ranker_processor(text=texts, images=images, return_tensors="pt", padding=True)
-        scores = self.ranker(**inputs.to(device)).logits_per_image.float().cpu()
-        return scores[:, 0] if isinstance(prompt, str) else scores
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE decode to ``[N, H, W, 3]`` float32 in [0, 1]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1)
+        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+
+    def prepare_extra_step_kwargs(self, generator) -> dict:
+        """The scheduler's `step` arguments beyond the sample: ``generator`` where it draws noise."""
+        return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     num_images_per_prompt, callback_on_step_end_tensor_inputs):
+                     num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs):
         if height % 8 != 0 or width % 8 != 0:
             raise ValueError(f"`height` and `width` must be multiples of 8, got {height} and {width}")
         if height <= 0 or width <= 0:
             raise ValueError(f"`height` and `width` must be positive, got {height} and {width}")
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
+        if num_inference_steps is None or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
@@ -333,19 +323,16 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         if prompt_embeds is not None and prompt_embeds.dim() != 3:
             raise ValueError(f"`prompt_embeds` must be [batch, seq, dim], got shape {tuple(prompt_embeds.shape)}")
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
-
-    # ------------------------------------------------------------------ images
+        unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"got a list of {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt"
-                " × ranker candidates): pass one generator, or exactly one per image"
+                f"got a list of {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt):"
+                " pass one generator, or exactly one per image"
             )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -354,13 +341,6 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
-
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """VAE decode to ``[N, H, W, 3]`` float32 in [0, 1]."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)
-        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
     # ------------------------------------------------------------------ call
 
@@ -380,9 +360,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        use_ranker: bool | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (as diffusers' pipelines)
     ):
         r"""
         Draw images for ``prompt``.
@@ -394,159 +373,92 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 classifier-free guidance).
             negative_prompt (`str` or `list[str]`): what not to draw (default `""`, as the original).
             num_images_per_prompt (`int`, defaults to 1).
-            generator (`torch.Generator` or a list, one per drawn image): the same generator gives the
-                original's images. With the ranker, ``ranker_candidates`` images are drawn per requested image.
+            generator (`torch.Generator` or a list, one per image): the same generator gives the original's images.
             latents (`torch.Tensor`): initial noise `[images, C, H/f, W/f]` instead of drawing it.
             prompt_embeds, negative_prompt_embeds (`torch.Tensor`): text conditioning from [`encode_prompt`]
-                (one row per prompt); the prompt checker cannot check them.
-            output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding, the safety checker
-                and the ranker.
-            use_ranker (`bool`): rank candidates with the ranker; default: when the pipeline has one.
-            callback_on_step_end: called after each denoising step as ``fn(pipe, step, timestep, tensors)``;
-                may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+                (one row per prompt).
+            output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding and the safety checker.
+            callback_on_step_end: called after each denoising step as ``fn(pipe, step, timestep, tensors)``; may return
+                replacements for the tensors named in `callback_on_step_end_tensor_inputs` (``prompt_embeds`` is the
+                UNet's conditioning batch, ``[negative; prompt]`` under guidance, as in `StableDiffusionPipeline`).
 
         Returns:
-            [`VisCPMPaintPipelineOutput`], or a tuple `(images, nsfw_content_detected, prompt_refused)`.
+            [`VisCPMPaintPipelineOutput`], or a tuple `(images, nsfw_content_detected)`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          num_images_per_prompt, callback_on_step_end_tensor_inputs)
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
-
+                          num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if use_ranker is None:
-            use_ranker = self.ranker is not None
-        if use_ranker and (self.ranker is None or prompts is None):
-            raise ValueError("`use_ranker=True` needs a ranker in the pipeline and a text `prompt`")
-        use_ranker = use_ranker and output_type != "latent"
-        candidates = self.config.ranker_candidates if use_ranker else 1
 
-        # 1. Refuse flagged prompts; only the others are drawn.
-        refused = self.check_prompts(prompts, device) if prompts is not None else [False] * batch_size
-        if any(refused):
-            logger.warning(f"The prompt checker refused {sum(refused)} of {batch_size} prompts: no image is drawn for them.")
-        kept = [i for i in range(batch_size) if not refused[i]]
-        if prompts is not None:
-            prompt_kept = [prompts[i] for i in kept]
-            negative_kept = negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else [
-                negative_prompt[i] for i in kept]
-        draws = len(kept) * num_images_per_prompt * candidates
+        # 1. Text conditioning: [negative; prompt] under classifier-free guidance.
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        images = None
-        if kept:
-            # 2. Text conditioning.
-            if prompts is None:
-                embeds_in = prompt_embeds[kept]
-                negative_in = negative_prompt_embeds[kept] if negative_prompt_embeds is not None else None
-            else:
-                embeds_in, negative_in = None, negative_prompt_embeds
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt_kept if prompts is not None else None,
-                device,
-                num_images_per_prompt * candidates,
-                self.do_classifier_free_guidance,
-                negative_kept if prompts is not None else negative_prompt,
-                prompt_embeds=embeds_in,
-                negative_prompt_embeds=negative_in,
-            )
-            if self.do_classifier_free_guidance:
-                text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            else:
-                text_embeds = prompt_embeds
+        # 2. Timesteps and initial noise.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        num_images = len(negative_prompt_embeds) if self.do_classifier_free_guidance else len(prompt_embeds)
+        latents = self.prepare_latents(num_images, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
+                                       device, generator, latents)
 
-            # 3. Timesteps and initial noise.
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            timesteps = self.scheduler.timesteps
-            latents = self.prepare_latents(draws, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
-                                           device, generator, latents)
-            extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
+        # 3. Denoise.
+        latents = self._denoise(latents, timesteps, prompt_embeds, negative_prompt_embeds,
+                                self.prepare_extra_step_kwargs(generator), callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
 
-            # 4. Denoise.
-            self._num_timesteps = len(timesteps)
-            with self.progress_bar(total=num_inference_steps) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
-                    if self.do_classifier_free_guidance:
-                        noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-
-                    if callback_on_step_end is not None:
-                        local = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                 "negative_prompt_embeds": negative_prompt_embeds}
-                        outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                        outputs = outputs or {}
-                        latents = outputs.pop("latents", latents)
-                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                        if self.do_classifier_free_guidance:
-                            text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-                        else:
-                            text_embeds = prompt_embeds
-                    progress_bar.update()
-            images = latents
-
-        # 5. Decode, check, rank.
-        per_prompt = num_images_per_prompt
-        nsfw: list[bool | None] = [None] * (len(kept) * per_prompt)
-        if images is not None and output_type != "latent":
-            decoded = self.decode_latents(images)
-            decoded, nsfw = self.run_safety_checker(decoded, device, text_embeds.dtype)
-            if use_ranker:
-                # One ranker batch; each requested image is the best of its own candidates against its prompt.
-                scores = self.rank(prompt_kept, self.numpy_to_pil(decoded), device)
-                chosen = []
-                for p in range(len(kept)):
-                    for k in range(per_prompt):
-                        start = (p * per_prompt + k) * candidates
-                        chosen.append(start + int(torch.argmax(scores[start:start + candidates, p])))
-                decoded = decoded[chosen]
-                nsfw = [nsfw[i] for i in chosen]
-            images = decoded
-
-        # 6. Put refused prompts back in place (black images) and convert.
-        images, nsfw = self._fill_refused(images, nsfw, refused, kept, per_prompt, height, width, output_type, device)
-        prompt_refused = [refused[i // per_prompt] for i in range(batch_size * per_prompt)]
-        if output_type == "pil":
-            images = self.numpy_to_pil(images)
-        elif output_type == "pt":
-            images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        # 4. Decode, check, convert.
+        if output_type == "latent":
+            images, nsfw = latents, [None] * len(latents)
+        else:
+            images = self.decode_latents(latents)
+            images, nsfw = self.run_safety_checker(images, device, prompt_embeds.dtype)
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+            elif output_type == "pt":
+                images = torch.from_numpy(images).permute(0, 3, 1, 2)
 
         self.maybe_free_model_hooks()
         if not return_dict:
-            return images, nsfw, prompt_refused
-        return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw, prompt_refused=prompt_refused)
-
-    def _fill_refused(self, images, nsfw, refused, kept, per_prompt, height, width, output_type, device):
-        if not any(refused):
             return images, nsfw
-        total = len(refused) * per_prompt
-        if output_type == "latent":
-            shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            full = torch.zeros(shape, device=device, dtype=self.unet.dtype)
-        else:
-            full = np.zeros((total, height, width, 3), dtype=np.float32)
-        flags: list[bool | None] = [None] * total
-        for p, index in enumerate(kept):
-            for k in range(per_prompt):
-                full[index * per_prompt + k] = images[p * per_prompt + k]
-                flags[index * per_prompt + k] = nsfw[p * per_prompt + k]
-        return full, flags
+        return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+    def _denoise(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, extra_step_kwargs, callback,
+                 callback_inputs) -> torch.Tensor:
+        """The denoising loop: the UNet on ``[uncond, cond]`` latents under guidance, a scheduler step, then
+        ``callback`` (which may replace the latents and the conditioning)."""
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    outputs = callback(self, i, t, {name: tensors[name] for name in callback_inputs}) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    if "negative_prompt_embeds" in outputs:  # the uncond half of the conditioning batch
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds")
+                        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds[len(negative_prompt_embeds):]])
+                progress_bar.update()
+        return latents
 
 
 class _PromptCache:
@@ -595,10 +507,6 @@ class _PromptCache:
         self.entries[key] = embeds
         while len(self.entries) > self.max_size:
             self.entries.popitem(last=False)
-
-
-def _step_parameters(scheduler) -> set:
-    return set(inspect.signature(scheduler.step).parameters)
 
 
 __all__ = ["VisCPMPaintPipeline", "VisCPMPaintPipelineOutput"]
