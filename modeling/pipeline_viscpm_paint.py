@@ -5,8 +5,9 @@ decode, the image safety checker) and draws the same images as the original VisC
 settings and ``torch.Generator``:
 
 * each prompt is the CPM-Bee dict ``{"caption": prompt, "objects": ""}``, the negative prompt (default ``""``)
-  the same dict; all of them are right-padded to the longest one, and the UNet sees the padded positions
-  (no attention mask), as in the original;
+  the same dict; the original pads a prompt and its negative to the longer of the two, and the UNet sees those
+  padded positions too. A batch is padded to its longest text, and the positions beyond each pair's own length are
+  masked (``encoder_attention_mask``), so each image equals the one its prompt gives alone;
 * classifier-free guidance runs on the batch ``[uncond, cond]``;
 * the initial latents and the scheduler's noise are drawn in the original's order from ``generator``.
 
@@ -37,6 +38,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -139,6 +141,18 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         return self._guidance_scale > 1
 
     @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    @property
     def num_timesteps(self):
         return self._num_timesteps
 
@@ -177,13 +191,14 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             self._prompt_cache.entries.clear()
 
     @torch.no_grad()
-    def _encode_texts(self, texts: list[str], device, min_length: int = 0) -> torch.Tensor:
-        """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``)."""
+    def _encode_texts(self, texts: list[str], device, min_length: int = 0, clip_skip: int | None = None):
+        """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``), and each
+        text's length in tokens."""
         cache, key = self._prompt_cache, None
         if cache is not None and cache.validate(self.text_encoder, self.tokenizer):
-            key = (tuple(texts), min_length, torch.device(device))
-            if (embeds := cache.get(key)) is not None:
-                return embeds
+            key = (tuple(texts), min_length, clip_skip, torch.device(device))
+            if (hit := cache.get(key)) is not None:
+                return hit
         inputs = self.tokenizer(
             [self._prompt_dict(text) for text in texts],
             return_tensors="pt",
@@ -193,10 +208,17 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         )
         keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub")
-        embeds = self.text_encoder(**{name: inputs[name].to(device) for name in keys}).last_hidden_state
+        inputs = {name: inputs[name].to(device) for name in keys}
+        if clip_skip:
+            # As StableDiffusionPipeline: the states `clip_skip` layers before the last, through the final norm.
+            hidden = self.text_encoder(**inputs, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            embeds = self.text_encoder.bridge(self.text_encoder.model.norm(hidden))
+        else:
+            embeds = self.text_encoder(**inputs).last_hidden_state
+        result = (embeds, inputs["attention_mask"].sum(-1))
         if key is not None:
-            cache.put(key, embeds)
-        return embeds
+            cache.put(key, result)
+        return result
 
     def encode_prompt(
         self,
@@ -207,43 +229,53 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt``
-        times per prompt; the negative one is None without guidance.
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+    ):
+        """Text conditioning ``(prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
+        negative_prompt_attention_mask)``, each repeated ``num_images_per_prompt`` times per prompt; the negative ones
+        are None without guidance.
 
-        Prompts and negative prompts are encoded in one batch, all padded to the longest, as the original pads
-        a prompt and its negative to the longer of the two. With [`enable_prompt_cache`], a batch of texts seen
-        before is not encoded again.
+        Prompts and negative prompts are encoded in one batch, padded to the longest. The masks (1: the UNet attends
+        to the position; None: to every position) keep each prompt and its negative to the longer of the two, which
+        is what the original pads them to and attends to: an image does not depend on the other prompts of its
+        batch. ``clip_skip`` takes CPM-Bee's states that many layers before the last. With [`enable_prompt_cache`],
+        a batch of texts seen before is not encoded again.
         """
         device = device or self._execution_device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            texts = list(prompts)
-            if do_classifier_free_guidance and negative_prompt_embeds is None:
-                texts = self._negatives(negative_prompt, len(prompts)) + texts
-            embeds = self._encode_texts(texts, device)
-            if do_classifier_free_guidance and negative_prompt_embeds is None:
-                negative_prompt_embeds, prompt_embeds = embeds[: len(prompts)], embeds[len(prompts):]
-            else:
-                prompt_embeds = embeds
+            encode_negatives = do_classifier_free_guidance and negative_prompt_embeds is None
+            negatives = self._negatives(negative_prompt, len(prompts)) if encode_negatives else []
+            embeds, lengths = self._encode_texts(negatives + prompts, device, clip_skip=clip_skip)
+            prompt_embeds, lengths = embeds[len(negatives):], _pair_lengths(lengths, len(negatives))
+            prompt_attention_mask = _positions_below(lengths, prompt_embeds.shape[1])
+            if encode_negatives:
+                negative_prompt_embeds, negative_prompt_attention_mask = embeds[: len(negatives)], prompt_attention_mask
         elif do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt_embeds = self._encode_negatives_for(prompt_embeds, negative_prompt, device)
+            negative_prompt_embeds, lengths = self._encode_negatives_for(prompt_embeds, negative_prompt, device, clip_skip)
+            if prompt_attention_mask is not None:  # the pair: the prompt's positions and its negative's
+                prompt_attention_mask = prompt_attention_mask.bool() | _positions_below(lengths, prompt_embeds.shape[1])
+                negative_prompt_attention_mask = prompt_attention_mask
 
         dtype = self.unet.dtype if getattr(self, "unet", None) is not None else prompt_embeds.dtype
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        if negative_prompt_embeds.shape != prompt_embeds.shape:
-            raise ValueError(
-                f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
-                f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
-            )
-        return prompt_embeds, negative_prompt_embeds
+        prompt_embeds = _repeat(prompt_embeds, num_images_per_prompt, device, dtype)
+        prompt_attention_mask = _repeat(prompt_attention_mask, num_images_per_prompt, device)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = _repeat(negative_prompt_embeds, num_images_per_prompt, device, dtype)
+            negative_prompt_attention_mask = _repeat(negative_prompt_attention_mask, num_images_per_prompt, device)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
+                    f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
+                )
+        else:
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        return prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask
 
-    def _encode_negatives_for(self, prompt_embeds: torch.Tensor, negative_prompt, device) -> torch.Tensor:
-        """The negative prompts' conditioning, padded to the length of the given ``prompt_embeds``."""
+    def _encode_negatives_for(self, prompt_embeds: torch.Tensor, negative_prompt, device, clip_skip=None):
+        """The negative prompts' conditioning and lengths, padded to the length of the given ``prompt_embeds``."""
         batch, length = prompt_embeds.shape[:2]
         negatives = self._negatives(negative_prompt, batch)
         lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives], padding=False)["input_ids"]]
@@ -252,7 +284,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
                 "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
             )
-        return self._encode_texts(negatives, device, min_length=length)
+        return self._encode_texts(negatives, device, min_length=length, clip_skip=clip_skip)
 
     @staticmethod
     def _negatives(negative_prompt, batch_size: int) -> list[str]:
@@ -290,9 +322,11 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         images = (images / 2 + 0.5).clamp(0, 1)
         return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
-    def prepare_extra_step_kwargs(self, generator) -> dict:
-        """The scheduler's `step` arguments beyond the sample: ``generator`` where it draws noise."""
-        return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
+        """The scheduler's `step` arguments beyond the sample: ``eta`` (DDIM's η) and ``generator``, where it takes
+        them."""
+        parameters = inspect.signature(self.scheduler.step).parameters
+        return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in parameters}
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                      num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs):
@@ -351,34 +385,45 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (as diffusers' pipelines)
     ):
         r"""
-        Draw images for ``prompt``.
+        Draw images for ``prompt``; the arguments are `StableDiffusionPipeline`'s (no IP-Adapter).
 
         Args:
             prompt (`str` or `list[str]`): what to draw, in Chinese or English. Or pass `prompt_embeds`.
             height, width (`int`, defaults to the UNet's sample size × the VAE scale factor, 512): multiples of 8.
-            num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, defaults to 7.5; ≤ 1 disables
-                classifier-free guidance).
+            num_inference_steps (`int`, defaults to 50), or `timesteps` / `sigmas` for schedulers that take them.
+            guidance_scale (`float`, defaults to 7.5; ≤ 1 disables classifier-free guidance), guidance_rescale
+                (`float` in [0, 1], defaults to 0): the rescale of "Common Diffusion Noise Schedules ... Are Flawed".
             negative_prompt (`str` or `list[str]`): what not to draw (default `""`, as the original).
-            num_images_per_prompt (`int`, defaults to 1).
+            num_images_per_prompt (`int`, defaults to 1); eta (`float`): DDIM's η (other schedulers ignore it).
             generator (`torch.Generator` or a list, one per image): the same generator gives the original's images.
             latents (`torch.Tensor`): initial noise `[images, C, H/f, W/f]` instead of drawing it.
-            prompt_embeds, negative_prompt_embeds (`torch.Tensor`): text conditioning from [`encode_prompt`]
-                (one row per prompt).
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask: text
+                conditioning from [`encode_prompt`] (one row per prompt; a mask None attends to every position).
             output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding and the safety checker.
-            callback_on_step_end: called after each denoising step as ``fn(pipe, step, timestep, tensors)``; may return
+            cross_attention_kwargs (`dict`): passed to the UNet's attention processors (e.g. ``{"scale": 0.5}`` for
+                its LoRA layers). clip_skip (`int`): use CPM-Bee's states that many layers before the last.
+            callback_on_step_end: called after each step as ``fn(pipe, step, timestep, tensors)``; may return
                 replacements for the tensors named in `callback_on_step_end_tensor_inputs` (``prompt_embeds`` is the
                 UNet's conditioning batch, ``[negative; prompt]`` under guidance, as in `StableDiffusionPipeline`).
 
@@ -391,61 +436,73 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs, self._interrupt = clip_skip, cross_attention_kwargs, False
         device = self._execution_device
 
         # 1. Text conditioning: [negative; prompt] under classifier-free guidance.
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, clip_skip,
         )
+        num_images = len(prompt_embeds)
+        attention_mask = _unet_attention_mask(prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                                              negative_prompt_attention_mask)
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 2. Timesteps and initial noise.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        num_images = len(negative_prompt_embeds) if self.do_classifier_free_guidance else len(prompt_embeds)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
+                                                            sigmas)
         latents = self.prepare_latents(num_images, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
                                        device, generator, latents)
 
         # 3. Denoise.
-        latents = self._denoise(latents, timesteps, prompt_embeds, negative_prompt_embeds,
-                                self.prepare_extra_step_kwargs(generator), callback_on_step_end,
+        latents = self._denoise(latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds,
+                                attention_mask, self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end,
                                 callback_on_step_end_tensor_inputs)
 
         # 4. Decode, check, convert.
-        if output_type == "latent":
-            images, nsfw = latents, [None] * len(latents)
-        else:
-            images = self.decode_latents(latents)
-            images, nsfw = self.run_safety_checker(images, device, prompt_embeds.dtype)
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-            elif output_type == "pt":
-                images = torch.from_numpy(images).permute(0, 3, 1, 2)
-
+        images, nsfw = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, nsfw
         return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
-    def _denoise(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, extra_step_kwargs, callback,
-                 callback_inputs) -> torch.Tensor:
+    def _postprocess(self, latents: torch.Tensor, output_type: str, device, dtype):
+        """``(images, nsfw_content_detected)``: decoded, checked by the safety checker, as ``output_type``."""
+        if output_type == "latent":
+            return latents, [None] * len(latents)
+        images = self.decode_latents(latents)
+        images, nsfw = self.run_safety_checker(images, device, dtype)
+        if output_type == "pil":
+            images = self.numpy_to_pil(images)
+        elif output_type == "pt":
+            images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return images, nsfw
+
+    def _denoise(self, latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds, attention_mask,
+                 extra_step_kwargs, callback, callback_inputs) -> torch.Tensor:
         """The denoising loop: the UNet on ``[uncond, cond]`` latents under guidance, a scheduler step, then
         ``callback`` (which may replace the latents and the conditioning)."""
         self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=_rows_for(attention_mask, prompt_embeds),
+                    cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False,
+                )[0]
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                    if self.guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=self.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback is not None:
@@ -457,13 +514,57 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                     if "negative_prompt_embeds" in outputs:  # the uncond half of the conditioning batch
                         negative_prompt_embeds = outputs.pop("negative_prompt_embeds")
                         prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds[len(negative_prompt_embeds):]])
-                progress_bar.update()
+                if i == len(timesteps) - 1 or (i + 1 > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
         return latents
 
 
+def _unet_attention_mask(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask):
+    """The UNet's ``encoder_attention_mask`` for the conditioning batch (``[negative; prompt]`` under guidance), or
+    None when it attends to every position (then the UNet runs exactly as without a mask)."""
+    rows = [(prompt_embeds, prompt_attention_mask)]
+    if negative_prompt_embeds is not None:
+        rows.insert(0, (negative_prompt_embeds, negative_prompt_attention_mask))
+    if all(mask is None for _, mask in rows):
+        return None
+    mask = torch.cat([torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else
+                      mask.to(device=embeds.device, dtype=torch.long) for embeds, mask in rows])
+    return None if bool(mask.all()) else mask
+
+
+def _rows_for(attention_mask, prompt_embeds):
+    """The mask rows of the conditioning batch ``prompt_embeds``: a callback that turns guidance off mid-way keeps
+    its last rows (the prompts'), as diffusers' ``SDCFGCutoffCallback`` does."""
+    if attention_mask is None or attention_mask.shape[0] == prompt_embeds.shape[0]:
+        return attention_mask
+    if attention_mask.shape[0] < prompt_embeds.shape[0] or attention_mask.shape[1] != prompt_embeds.shape[1]:
+        raise ValueError(f"the callback returned `prompt_embeds` of shape {tuple(prompt_embeds.shape)}, which the "
+                         f"attention mask {tuple(attention_mask.shape)} does not cover; keep rows and positions")
+    return attention_mask[-prompt_embeds.shape[0]:]
+
+
+def _pair_lengths(lengths: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Per prompt, the longer of it and its negative (the first ``num_negatives`` of ``lengths``, if any)."""
+    if not num_negatives:
+        return lengths
+    return torch.maximum(lengths[:num_negatives], lengths[num_negatives:])
+
+
+def _positions_below(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``[len(lengths), size]``: 1 at the positions before each length."""
+    return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).long()
+
+
+def _repeat(tensor: torch.Tensor | None, times: int, device, dtype=None) -> torch.Tensor | None:
+    """Each row ``times`` times in a row (images of one prompt are consecutive), on ``device`` (and ``dtype``)."""
+    if tensor is None:
+        return None
+    return tensor.to(device=device, dtype=dtype).repeat_interleave(times, dim=0)
+
+
 class _PromptCache:
-    """Text conditionings by (texts, padded length, device), least recently used first out; every entry belongs to
-    the text encoder state recorded by the last `validate`."""
+    """Text conditionings and lengths by (texts, padded length, clip_skip, device), least recently used first out;
+    every entry belongs to the text encoder state recorded by the last `validate`."""
 
     def __init__(self, max_size: int):
         self.max_size = max_size
@@ -497,14 +598,14 @@ class _PromptCache:
             self._signature = signature
         return True
 
-    def get(self, key) -> torch.Tensor | None:
-        embeds = self.entries.get(key)
-        if embeds is not None:
+    def get(self, key) -> tuple | None:
+        entry = self.entries.get(key)
+        if entry is not None:
             self.entries.move_to_end(key)
-        return embeds
+        return entry
 
-    def put(self, key, embeds: torch.Tensor):
-        self.entries[key] = embeds
+    def put(self, key, entry: tuple):
+        self.entries[key] = entry
         while len(self.entries) > self.max_size:
             self.entries.popitem(last=False)
 
