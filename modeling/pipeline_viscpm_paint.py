@@ -25,6 +25,8 @@ Only torch, transformers and diffusers are imported: the file also ships as remo
 """
 
 import inspect
+import math
+import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -85,6 +87,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`]): Stable Diffusion 2.1 parts.
         scheduler: the original's `DDPMScheduler`; any compatible diffusers scheduler can be swapped in.
         safety_checker ([`StableDiffusionSafetyChecker`], *optional*) + feature_extractor (its image processor).
+        max_prompt_length (`int`, defaults to 3000, as VisCPM-Chat's prompts): the most tokens a prompt or negative
+            prompt may have; a longer one is an error before the text encoder runs, whose memory grows with the square
+            of the length. `None`: no limit.
 
     From [`StableDiffusionMixin`]: `fuse_qkv_projections` / `unfuse_qkv_projections` (UNet and VAE) and
     `enable_freeu` / `disable_freeu`.
@@ -104,6 +109,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler: KarrasDiffusionSchedulers,
         safety_checker=None,
         feature_extractor=None,
+        max_prompt_length: int | None = 3000,
     ):
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
@@ -117,6 +123,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
+        if max_prompt_length is not None:
+            _require_int("max_prompt_length", max_prompt_length, 1, "tokens per prompt, e.g. 3000; None: no limit")
+        self.register_to_config(max_prompt_length=max_prompt_length)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._prompt_cache = None
@@ -191,9 +200,10 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             self._prompt_cache.entries.clear()
 
     @torch.no_grad()
-    def _encode_texts(self, texts: list[str], device, min_length: int = 0, clip_skip: int | None = None):
+    def _encode_texts(self, texts: list[str], labels: list[str], device, min_length: int = 0,
+                      clip_skip: int | None = None):
         """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``), and each
-        text's length in tokens."""
+        text's length in tokens; a text over ``max_prompt_length`` (``labels`` name them) is an error."""
         cache, key = self._prompt_cache, None
         if cache is not None and cache.validate(self.text_encoder, self.tokenizer):
             key = (tuple(texts), min_length, clip_skip, torch.device(device))
@@ -206,6 +216,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             max_length=min_length or None,
             padding_side="right",
         )
+        limit = self.config.max_prompt_length
+        for label, length in zip(labels, inputs["attention_mask"].sum(-1).tolist()):
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"{label} is {length} tokens, over max_prompt_length={limit}: shorten it (the text encoder's memory "
+                    "grows with the square of the length; the limit is the pipeline's `max_prompt_length`)"
+                )
         keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub")
         inputs = {name: inputs[name].to(device) for name in keys}
@@ -248,7 +265,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             encode_negatives = do_classifier_free_guidance and negative_prompt_embeds is None
             negatives = self._negatives(negative_prompt, len(prompts)) if encode_negatives else []
-            embeds, lengths = self._encode_texts(negatives + prompts, device, clip_skip=clip_skip)
+            embeds, lengths = self._encode_texts(negatives + prompts, _labels("negative_prompt", negatives)
+                                                 + _labels("prompt", prompts), device, clip_skip=clip_skip)
             prompt_embeds, lengths = embeds[len(negatives):], _pair_lengths(lengths, len(negatives))
             prompt_attention_mask = _positions_below(lengths, prompt_embeds.shape[1])
             if encode_negatives:
@@ -284,7 +302,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
                 "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
             )
-        return self._encode_texts(negatives, device, min_length=length, clip_skip=clip_skip)
+        return self._encode_texts(negatives, _labels("negative_prompt", negatives), device, min_length=length,
+                                  clip_skip=clip_skip)
 
     @staticmethod
     def _negatives(negative_prompt, batch_size: int) -> list[str]:
@@ -329,17 +348,12 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in parameters}
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs):
-        if height % 8 != 0 or width % 8 != 0:
-            raise ValueError(f"`height` and `width` must be multiples of 8, got {height} and {width}")
-        if height <= 0 or width <= 0:
-            raise ValueError(f"`height` and `width` must be positive, got {height} and {width}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+                     callback_on_step_end_tensor_inputs):
+        """The texts, sizes and conditioning of a call: each mistake a clear error before any work."""
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value) or value <= 0 or value % 8 != 0:
+                raise (TypeError if not _is_int(value) else ValueError)(
+                    f"`height` and `width` must be positive multiples of 8 (e.g. 512), got {name}={value!r}")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
@@ -351,15 +365,64 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             for index, text in enumerate(prompts):
                 if not text.strip():
                     raise ValueError(f"prompt {index} is empty: describe the image to draw")
-            if negative_prompt is not None and not isinstance(negative_prompt, str):
-                self._negatives(negative_prompt, len(prompts))
+        if negative_prompt is not None:
+            if not isinstance(negative_prompt, (str, list, tuple)) or not all(
+                    isinstance(text, str) for text in ([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt)):
+                raise TypeError(f"`negative_prompt` must be a str or a list of str (one per prompt), got "
+                                f"{type(negative_prompt).__name__}; pass None for the default \"\"")
+            if prompt is not None and not isinstance(negative_prompt, str):
+                self._negatives(negative_prompt, 1 if isinstance(prompt, str) else len(prompt))
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
-        if prompt_embeds is not None and prompt_embeds.dim() != 3:
-            raise ValueError(f"`prompt_embeds` must be [batch, seq, dim], got shape {tuple(prompt_embeds.shape)}")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+                raise ValueError(f"`{name}` must be a tensor [batch, seq, dim] (from `encode_prompt`), got "
+                                 f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+            limit = self.config.max_prompt_length
+            if limit is not None and embeds.shape[1] > limit:
+                raise ValueError(f"`{name}` has {embeds.shape[1]} positions, over max_prompt_length={limit}")
+            _require_finite(name, embeds)
         unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
+
+    def _check_options(self, num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta,
+                       num_images_per_prompt, generator, latents, clip_skip, cross_attention_kwargs, output_type):
+        """The numbers and options of a call: types and ranges, NaN and inf refused, each naming the argument."""
+        if timesteps is None and sigmas is None:
+            _require_int("num_inference_steps", num_inference_steps, 1, "e.g. 50")
+        _require_int("num_images_per_prompt", num_images_per_prompt, 1, "e.g. 1")
+        _require_number("guidance_scale", guidance_scale, hint="e.g. 7.5; 1 or less turns guidance off")
+        _require_number("guidance_rescale", guidance_rescale, 0.0, 1.0, "0 (off) to 1")
+        _require_number("eta", eta, 0.0, None, "DDIM's η, 0 to 1")
+        if clip_skip is not None:
+            layers = self.text_encoder.config.text_config.num_hidden_layers if self.text_encoder is not None else None
+            _require_int("clip_skip", clip_skip, 0, f"0 to {layers - 1}" if layers else "e.g. 1")
+            if layers is not None and clip_skip >= layers:
+                raise ValueError(f"`clip_skip` must be below the text encoder's {layers} layers, got {clip_skip}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+                            f"{type(generator).__name__}: e.g. torch.Generator().manual_seed(0)")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}")
+            _require_finite("latents", latents)
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise TypeError(f"`cross_attention_kwargs` must be a dict, got {type(cross_attention_kwargs).__name__}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+    def _check_timesteps(self, timesteps: torch.Tensor, num_inference_steps: int):
+        """The schedule stays within the timesteps the UNet was trained on (the schedulers index their tables by it)."""
+        train = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train is not None and len(timesteps) and float(timesteps.max()) > train - 1:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} gives {type(self.scheduler).__name__} timesteps up to "
+                f"{float(timesteps.max()):g}, beyond its {train} training timesteps (0 to {train - 1}): use fewer steps"
+            )
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -435,7 +498,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         height = self.default_sample_size * self.vae_scale_factor if height is None else height
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          num_images_per_prompt, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs)
+        self._check_options(num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta,
+                            num_images_per_prompt, generator, latents, clip_skip, cross_attention_kwargs, output_type)
         self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
         self._clip_skip, self._cross_attention_kwargs, self._interrupt = clip_skip, cross_attention_kwargs, False
         device = self._execution_device
@@ -454,6 +519,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         # 2. Timesteps and initial noise.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
                                                             sigmas)
+        self._check_timesteps(timesteps, num_inference_steps)
         latents = self.prepare_latents(num_images, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
                                        device, generator, latents)
 
@@ -471,15 +537,25 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def _postprocess(self, latents: torch.Tensor, output_type: str, device, dtype):
         """``(images, nsfw_content_detected)``: decoded, checked by the safety checker, as ``output_type``."""
+        self._check_finite("denoised latents", bool(torch.isfinite(latents).all()), latents.dtype)
         if output_type == "latent":
             return latents, [None] * len(latents)
         images = self.decode_latents(latents)
+        self._check_finite("decoded images", bool(np.isfinite(images).all()), self.vae.dtype)
         images, nsfw = self.run_safety_checker(images, device, dtype)
         if output_type == "pil":
             images = self.numpy_to_pil(images)
         elif output_type == "pt":
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
         return images, nsfw
+
+    def _check_finite(self, what: str, finite: bool, dtype):
+        """A NaN or inf result is an error, not a black or noisy image."""
+        if not finite:
+            raise ValueError(
+                f"the {what} contain NaN or inf: guidance_scale={self.guidance_scale:g} (or a callback) drove them out "
+                f"of {dtype}'s range; use a guidance_scale of about 1 to 20"
+            )
 
     def _denoise(self, latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds, attention_mask,
                  extra_step_kwargs, callback, callback_inputs) -> torch.Tensor:
@@ -541,6 +617,34 @@ def _rows_for(attention_mask, prompt_embeds):
         raise ValueError(f"the callback returned `prompt_embeds` of shape {tuple(prompt_embeds.shape)}, which the "
                          f"attention mask {tuple(attention_mask.shape)} does not cover; keep rows and positions")
     return attention_mask[-prompt_embeds.shape[0]:]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value, minimum: int, hint: str):
+    if not _is_int(value):
+        raise TypeError(f"`{name}` must be an int ({hint}), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum} ({hint}), got {value}")
+
+
+def _require_number(name: str, value, low: float | None = None, high: float | None = None, hint: str = ""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number ({hint}), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be a finite number ({hint}), got {value}")
+
+
+def _require_finite(name: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"`{name}` contains NaN or inf values: pass finite values")
+
+
+def _labels(name: str, texts: list[str]) -> list[str]:
+    """How errors name ``texts``: ``prompt`` alone, or ``prompt[i]`` in a batch."""
+    return [f"`{name}`"] if len(texts) == 1 else [f"`{name}[{i}]`" for i in range(len(texts))]
 
 
 def _pair_lengths(lengths: torch.Tensor, num_negatives: int) -> torch.Tensor:

@@ -228,7 +228,10 @@ class VisCPMPaint:
         """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``: ``[len(images)]``; for a
         list of prompts, ``[len(images), len(prompts)]`` (every image against every prompt, in one batch)."""
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        inputs = self.ranker_processor(text=texts, images=images, return_tensors="pt", padding=True)
+        # A prompt longer than the ranker's text model takes is cut to it (Chinese-CLIP: 512 tokens).
+        max_length = getattr(getattr(self.ranker.config, "text_config", None), "max_position_embeddings", None)
+        inputs = self.ranker_processor(text=texts, images=images, return_tensors="pt", padding=True,
+                                       truncation=max_length is not None, max_length=max_length)
         scores = self.ranker(**inputs.to(self.ranker.device)).logits_per_image.float().cpu()
         return scores[:, 0] if isinstance(prompt, str) else scores
 

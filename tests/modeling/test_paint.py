@@ -316,31 +316,7 @@ def test_safety_checker_matches_original(paint, paint_extras, flag_all):
     assert (not got.images.any()) == flag_all
 
 
-# ---------------------------------------------------------------------------------------------- bad inputs
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(prompt=""), ValueError, "empty"),
-        (dict(prompt=[EN, "   "]), ValueError, "prompt 1 is empty"),
-        (dict(prompt=[]), ValueError, "empty list"),
-        (dict(prompt=EN, height=20), ValueError, "multiples of 8"),
-        (dict(prompt=EN, width=12), ValueError, "multiples of 8"),
-        (dict(prompt=EN, num_inference_steps=0), ValueError, "at least 1"),
-        (dict(prompt=EN, num_images_per_prompt=2, generator=[torch.Generator()] * 3), ValueError, "3 generators"),
-        (dict(prompt=[EN, ZH], negative_prompt=["x"]), ValueError, "1 negative prompts for 2"),
-        (dict(prompt=None), ValueError, "exactly one of"),
-        (dict(prompt=3), TypeError, "str or a list"),
-        (dict(prompt=EN, output_type="jpg"), ValueError, "output_type"),
-    ],
-    ids=["empty", "blank-in-batch", "empty-list", "height", "width", "steps", "generators", "negatives", "none", "int",
-         "output-type"],
-)
-def test_bad_inputs_are_clear_errors(paint, kwargs, error, match):
-    kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, **kwargs}
-    with pytest.raises(error, match=match):
-        paint["pipe"](**kwargs)
+# ---------------------------------------------------------------------------------------------- batches
 
 
 @pytest.mark.parametrize("per_prompt", [1, 2])

@@ -268,6 +268,16 @@ def test_bad_parts_and_calls_are_clear_errors(paint, parts, call, error, match):
         VisCPMPaint(paint["pipe"], **parts)(**call)
 
 
+def test_long_prompts_reach_the_ranker_cut_to_its_length(paint, paint_extras):
+    """A prompt longer than the ranker's text model takes (64 positions here, 512 in Chinese-CLIP) is ranked on its
+    first tokens instead of ending in an index error inside the ranker."""
+    long_prompt = " ".join([EN] * 20)
+    assert len(paint_extras["ranker_processor"].tokenizer(long_prompt)["input_ids"]) > 64
+    painter = VisCPMPaint(paint["pipe"], ranker=paint_extras["ranker"], ranker_processor=paint_extras["ranker_processor"])
+    out = _ours(painter, long_prompt)
+    assert out.images.shape == (1, SIZE, SIZE, 3) and out.prompt_refused == [False]
+
+
 def test_a_part_of_another_library_is_refused(paint, tmp_path):
     shutil.copytree(paint["root"] / "hf", tmp_path / "folder")
     index = json.loads((tmp_path / "folder" / "model_index.json").read_text())
