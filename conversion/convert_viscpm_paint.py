@@ -174,7 +174,9 @@ def load_sd_base(sd_base: str | os.PathLike = DEFAULT_SD_BASE):
     return vae, scheduler, unet_config
 
 
-def _model_index(threshold: float = 0.75, candidates: int = 4) -> dict:
+def _model_index() -> dict:
+    """The pipeline's components. `viscpm.VisCPMPaint`'s prompt checker and ranker are not written: it fetches the
+    original's when a folder lists none (see viscpm/paint.py for how a folder holds them)."""
     import diffusers
 
     return {
@@ -187,12 +189,6 @@ def _model_index(threshold: float = 0.75, candidates: int = 4) -> dict:
         "scheduler": ["diffusers", "DDPMScheduler"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
-        "prompt_checker": [None, None],
-        "prompt_checker_tokenizer": [None, None],
-        "ranker": [None, None],
-        "ranker_processor": [None, None],
-        "prompt_checker_threshold": threshold,
-        "ranker_candidates": candidates,
     }
 
 

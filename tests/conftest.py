@@ -96,3 +96,6 @@ def write_sd_base(folder, unet, vae):
     PNDMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     unet.save_config(folder / "unet")
     return folder
+
+
+from paint_testing import paint, paint_extras  # noqa: E402,F401  (the tiny Paint shared by three test layers)

@@ -223,7 +223,7 @@ def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: i
                       generator=generator, output_type="pil")
     except ValueError as error:  # sizes and other values the pipeline refuses
         raise AppError(first_line(error)) from None
-    if any(output.prompt_refused or []):
+    if any(getattr(output, "prompt_refused", None) or []):  # a VisCPMPaint with a prompt checker
         raise AppError("the prompt checker refused this prompt; rephrase it")
     flagged = output.nsfw_content_detected or [False] * len(output.images)
     return output.images, [bool(flag) for flag in flagged]
