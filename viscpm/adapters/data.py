@@ -95,9 +95,12 @@ def load_conversations(source: Any, split: str = "train", **load_kwargs):
 
 
 def _load_dataset(path: str, names: list[str], split: str, **kwargs):
-    """``datasets.load_dataset`` with its failures on bad files turned into one-line errors naming the files."""
+    """``datasets.load_dataset`` with its failures on bad files turned into one-line errors naming the files (its
+    own log lines about them are held back: the error says it all)."""
     import datasets
 
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(path, split=split, **kwargs)
     except StopIteration:  # what the json builder raises for a file without rows
@@ -110,8 +113,10 @@ def _load_dataset(path: str, names: list[str], split: str, **kwargs):
         if "corresponds to no data" in str(error):
             raise BadDataError(f"{', '.join(names)} holds no rows: give a data file with training rows") from None
         if "Unknown split" in str(error):
-            raise BadDataError(f"{first_line(error)}: pick the split with --split") from None
+            raise BadDataError(f"{first_line(error).rstrip('.')} in {', '.join(names)}: pick one with --split") from None
         raise
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def load_rows(source: Any, columns: Mapping[str, str] | None = None, image_folder: str | os.PathLike | None = None,

@@ -13,6 +13,7 @@ through :func:`run_training_script`: every mistake a user can make is one line o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -240,6 +241,17 @@ def check_output_dir(output_dir: str | os.PathLike, resume: str | bool | None = 
     return None
 
 
+def check_model(model: str) -> None:
+    """Refuse a ``--model`` that can be neither a local model folder nor a Hub repo id, before anything loads."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not any((path / name).is_file() for name in ("config.json", "model_index.json")):
+            raise AdapterError(f"--model {model} is not a converted model folder (no config.json or model_index.json): "
+                               "convert the original checkpoint first (conversion/)")
+    elif model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise AdapterError(f"--model {model} not found: give a converted VisCPM folder or a Hub repo id (owner/name)")
+
+
 def prepare_output_dir(args: TrainingArguments, resume: str | bool | None = None, overwrite: bool = False) -> str | None:
     """:func:`check_output_dir` on every process, the main process first; with ``overwrite`` the main process then
     deletes the old run's checkpoints (and staging leftovers), so that they never mix with the new run's."""
@@ -248,7 +260,10 @@ def prepare_output_dir(args: TrainingArguments, resume: str | bool | None = None
         if overwrite and args.process_index == 0:
             output_dir = Path(args.output_dir).expanduser()
             for path in (output_dir / CHECKPOINTS, *output_dir.glob(STAGING_PREFIX + "*")):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
     return checkpoint
 
 
@@ -281,12 +296,13 @@ def _train(model, train_dataset, output_dir, save: Callable[[Path], Any], traini
         model.enable_input_require_grads()
     run_args = dataclasses.replace(args, output_dir=str(Path(args.output_dir).expanduser() / CHECKPOINTS))
     trainer = Trainer(model=model, args=run_args, train_dataset=train_dataset, **trainer_kwargs)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     broken = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if broken:
         raise AdapterError(f"training diverged: {len(broken)} adapter weights are NaN or infinite (e.g. {broken[0]}), "
-                           "so no adapter was written; lower --learning-rate (or keep --max-grad-norm) and start again "
-                           "with --overwrite")
+                           "so no adapter was written; lower --learning-rate and start again with --overwrite")
     if args.should_save:
         save(Path(args.output_dir).expanduser())
         logger.info("process %d of %d wrote the adapter to %s", args.process_index, args.world_size, args.output_dir)
@@ -384,17 +400,22 @@ def adapter_argument_parser(dataclass_types: Sequence[type], defaults: dict | No
     return parser
 
 
-def parse_script_arguments(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
-    """The dataclasses of ``argv`` (or of the JSON file that is its only argument, as in peft's examples); an
-    unknown option, a bad value or a refused combination is a usage error."""
+def parse_script_arguments(parser: HfArgumentParser, argv: Sequence[str], defaults: dict | None = None) -> tuple:
+    """The dataclasses of ``argv`` (or of the JSON file that is its only argument, as in peft's examples, on top of
+    ``defaults``); an unknown option, a bad value, a refused combination or a bad JSON file is a usage error."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        try:
+            values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+            _require(isinstance(values, dict), "the file must hold one JSON object of option names and values")
+            return parser.parse_dict({**(defaults or {}), **values})
+        except (ValueError, TypeError, OSError) as error:
+            parser.error(f"{argv[0]}: {first_line(error)}")
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
         *parsed, unknown = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return tuple(parsed)
-    except (ValueError, TypeError, OSError) as error:  # a dataclass refused a value, or the JSON file is bad
+    except ValueError as error:  # a dataclass refused a value
         parser.error(first_line(error))
 
 
@@ -406,7 +427,7 @@ def run_training_script(train: Callable[..., Any], dataclass_types: Sequence[typ
     for anything the user can fix (nothing half-written is left), 2 for usage errors, 130 when interrupted."""
     parser = adapter_argument_parser(dataclass_types, defaults, prog, description)
     try:
-        parsed = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
+        parsed = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv, defaults)
     except SystemExit as exit:  # usage errors and --help
         return exit.code if isinstance(exit.code, int) else EXIT_USAGE
     adapter = next(p for p in parsed if isinstance(p, AdapterArguments))
@@ -416,7 +437,8 @@ def run_training_script(train: Callable[..., Any], dataclass_types: Sequence[typ
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("viscpm.adapters").setLevel(logging.INFO)
     try:
-        check_output_dir(args.output_dir, adapter.resume, adapter.overwrite)  # before anything slow
+        check_model(adapter.model)  # before anything slow
+        check_output_dir(args.output_dir, adapter.resume, adapter.overwrite)
         train(*parsed)
     except KeyboardInterrupt:
         print(f"interrupted: no adapter was written (checkpoints, if any, are in {Path(args.output_dir) / CHECKPOINTS}: "
