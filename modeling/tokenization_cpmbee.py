@@ -345,42 +345,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         if not isinstance(item, dict):
             raise ValueError(f"each item must be a str or a CPM-Bee dict, got {type(item).__name__}")
 
-        # Flatten the tree: root, then every key followed by its value, depth first (the original's order).
-        texts, depths, parents, predict, origins = ["<root>"], [0], [-1], [False], ["data"]
-        answer_leaves: list[tuple[int, tuple]] = []
+        texts, depths, parents, predict, origins, answer_leaves = self._flatten_tree(item, training)
         has_answer = _ANS in item
-
-        def walk(node: Any, depth: int, parent: int, in_answer: bool, path: tuple) -> None:
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    if not isinstance(key, str):
-                        raise ValueError(f"key {key!r} of {_path_str(path)} is not a str")
-                    texts.append(key)
-                    depths.append(depth)
-                    parents.append(parent)
-                    predict.append(False)
-                    origins.append(f"key {key!r} of {_path_str(path)}")
-                    walk(value, depth + 1, len(texts) - 1, in_answer or (depth == 1 and key == _ANS), path + (key,))
-                return
-            if in_answer and not training:
-                # The answer's text is not part of the prompt: like the original, put `<ans_N>` there so
-                # that segments and ext numbering match it.
-                if node is not None and not isinstance(node, str):
-                    raise ValueError(f"{_path_str(path)} must be a str or None, got {type(node).__name__}")
-                answer_leaves.append((len(texts), path[1:]))
-                node = f"<ans_{len(answer_leaves)}>"
-            elif isinstance(node, (list, tuple)):
-                raise ValueError(f"{_path_str(path)} is a {type(node).__name__}: CPM-Bee dict leaves must be str "
-                                 "(lists are not supported)")
-            elif not isinstance(node, str):
-                raise ValueError(f"{_path_str(path)} must be a str, got {type(node).__name__}")
-            texts.append(node)
-            depths.append(depth)
-            parents.append(parent)
-            predict.append(in_answer)
-            origins.append(_path_str(path))
-
-        walk(item, 1, 0, False, ())
         if has_answer and not training and not answer_leaves:
             raise ValueError("data['<ans>'] has no leaf to predict")
 
@@ -403,15 +369,57 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 for values in (sample.ids, sample.subs, sample.segments, sample.context):
                     del values[max_length:]
             return sample
+        return self._generation_layout(sample, answer_leaves, placeholder_at, max_length)
 
-        # Generation layout: the context tokens (of the first `max_length` tokens, the original's cut), then
-        # one `<s>` opening the first answer leaf.
+    @staticmethod
+    def _flatten_tree(item: dict, training: bool):
+        """The segments of a CPM-Bee dict: root, then every key followed by its value, depth first (the original's
+        order). Returns per segment its text, depth, parent, whether it is predicted and where it comes from (for
+        errors), and the `(segment, path below "<ans>")` of each answer leaf. In the generation layout an answer
+        leaf's text is replaced by `<ans_N>`, as the original does, so that segments and ext numbering match."""
+        texts, depths, parents, predict, origins = ["<root>"], [0], [-1], [False], ["data"]
+        answer_leaves: list[tuple[int, tuple]] = []
+
+        def walk(node: Any, depth: int, parent: int, in_answer: bool, path: tuple) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if not isinstance(key, str):
+                        raise ValueError(f"key {key!r} of {_path_str(path)} is not a str")
+                    texts.append(key)
+                    depths.append(depth)
+                    parents.append(parent)
+                    predict.append(False)
+                    origins.append(f"key {key!r} of {_path_str(path)}")
+                    walk(value, depth + 1, len(texts) - 1, in_answer or (depth == 1 and key == _ANS), path + (key,))
+                return
+            if in_answer and not training:
+                if node is not None and not isinstance(node, str):
+                    raise ValueError(f"{_path_str(path)} must be a str or None, got {type(node).__name__}")
+                answer_leaves.append((len(texts), path[1:]))
+                node = f"<ans_{len(answer_leaves)}>"
+            elif isinstance(node, (list, tuple)):
+                raise ValueError(f"{_path_str(path)} is a {type(node).__name__}: CPM-Bee dict leaves must be str "
+                                 "(lists are not supported)")
+            elif not isinstance(node, str):
+                raise ValueError(f"{_path_str(path)} must be a str, got {type(node).__name__}")
+            texts.append(node)
+            depths.append(depth)
+            parents.append(parent)
+            predict.append(in_answer)
+            origins.append(_path_str(path))
+
+        walk(item, 1, 0, False, ())
+        return texts, depths, parents, predict, origins, answer_leaves
+
+    def _generation_layout(self, sample: _Sample, answer_leaves: list, placeholder_at: dict, max_length: int | None):
+        """Cut a laid-out dict to the original's prompt: its context tokens (of the first `max_length` tokens, the
+        original's cut), then one `<s>` opening the first answer leaf that survived the cut."""
         cut = len(sample.ids) if max_length is None else min(max_length, len(sample.ids))
         sample.answers = [(seg, path) for seg, path in answer_leaves if placeholder_at[seg] < cut]
         if not sample.answers:
             raise ValueError(f"no answer left to predict: truncation to max_length={max_length} cut off '<ans>'")
         keep = [p for p in range(cut) if sample.context[p]]
-        sample.ids = [sample.ids[p] for p in keep] + [bos]
+        sample.ids = [sample.ids[p] for p in keep] + [self.bos_token_id]
         sample.subs = [sample.subs[p] for p in keep] + [0]
         sample.segments = [sample.segments[p] for p in keep] + [sample.answers[0][0]]
         sample.context = [1] * len(keep) + [0]
@@ -534,6 +542,18 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 `padding="max_length"`.
             pad_to_multiple_of (`int`): round the padded length up to a multiple of it.
         """
+        cut = self._check_call_options(text, return_labels, padding_side, max_length, truncation, kwargs)
+        padding_side = padding_side or self.padding_side
+        samples = self._encode_batch(text, training=return_labels, max_length=cut)
+        columns, owned, _ = self._ext_table(samples)
+        rows = [self._row(sample, columns, return_labels) for sample in samples]
+        out = self._pad_rows(rows, padding, max_length, pad_to_multiple_of, padding_side, return_tensors)
+        out.update(self._batch_tables(samples, columns, owned))
+        return self._to_batch_encoding(out, len(samples), len(columns), return_tensors)
+
+    @staticmethod
+    def _check_call_options(text, return_labels, padding_side, max_length, truncation, kwargs) -> int | None:
+        """Validate the call's options (`kwargs` are the unnamed ones) and return the truncation length."""
         for key in ("text_pair", "text_target", "text_pair_target"):
             if kwargs.pop(key, None) is not None:
                 raise ValueError(f"{key} is not supported by CpmBeeTokenizer: put everything in one CPM-Bee dict")
@@ -548,39 +568,34 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             raise TypeError(f"CpmBeeTokenizer.__call__ got unsupported arguments: {sorted(kwargs)}")
         if text is None:
             raise ValueError("nothing to encode: pass a str, a CPM-Bee dict or a list of them")
-        padding_side = padding_side or self.padding_side
-        if padding_side not in ("left", "right"):
+        if padding_side not in (None, "left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        cut = None
-        if truncation not in (None, False, "do_not_truncate"):
-            if return_labels:
-                raise ValueError("truncation is not supported with return_labels=True")
-            if max_length is None:
-                raise ValueError("truncation=True needs max_length")
-            cut = int(max_length)
-            if cut < 1:
-                raise ValueError(f"max_length must be positive, got {max_length}")
+        if truncation in (None, False, "do_not_truncate"):
+            return None
+        if return_labels:
+            raise ValueError("truncation is not supported with return_labels=True")
+        if max_length is None:
+            raise ValueError("truncation=True needs max_length")
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        return int(max_length)
 
-        samples = self._encode_batch(text, training=return_labels, max_length=cut)
-        columns, owned, _ = self._ext_table(samples)
+    def _row(self, sample: _Sample, columns: dict, return_labels: bool) -> dict[str, list]:
+        """One unpadded row: ids (ext pieces as `vocab_size + column`), segments, context and, for training, labels
+        (`labels[p]` is the next token's id at answer positions, `</s>` before a `<s>` or at the end)."""
         vocab_size, eos, bos = self.vocab_size, self.eos_token_id, self.bos_token_id
+        ids = [index if sub == 0 else vocab_size + columns[(index, sub)] for index, sub in zip(sample.ids, sample.subs)]
+        row = {"input_ids": ids, "segment_ids": list(sample.segments), "context_mask": list(sample.context)}
+        if return_labels:
+            labels = [_IGNORE_INDEX] * len(ids)
+            for p in range(len(ids)):
+                if sample.context[p] == 0:
+                    labels[p] = eos if p + 1 == len(ids) or sample.ids[p + 1] == bos else ids[p + 1]
+            row["labels"] = labels
+        return row
 
-        rows = []
-        for sample in samples:
-            ids = [index if sub == 0 else vocab_size + columns[(index, sub)]
-                   for index, sub in zip(sample.ids, sample.subs)]
-            row = {"input_ids": ids, "segment_ids": list(sample.segments), "context_mask": list(sample.context)}
-            if return_labels:
-                labels = [_IGNORE_INDEX] * len(ids)
-                for p in range(len(ids)):
-                    if sample.context[p] == 0:
-                        if p + 1 == len(ids) or sample.ids[p + 1] == bos:
-                            labels[p] = eos
-                        else:
-                            labels[p] = ids[p + 1]
-                row["labels"] = labels
-            rows.append(row)
-
+    def _pad_rows(self, rows, padding, max_length, pad_to_multiple_of, padding_side, return_tensors) -> dict:
+        """Per-token keys of the batch: rows padded with `<pad>`, segment 0, context 0, attention 0, label -100."""
         lengths = [len(row["input_ids"]) for row in rows]
         target = max(lengths)
         if padding == "max_length":
@@ -598,7 +613,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "segment_ids": 0, "context_mask": 0,
                 "labels": _IGNORE_INDEX}
         out: dict[str, list] = {key: [] for key in ("input_ids", "attention_mask", "segment_ids", "context_mask")}
-        if return_labels:
+        if "labels" in rows[0]:
             out["labels"] = []
         for row, length in zip(rows, lengths):
             extra = target - length if do_pad else 0
@@ -606,16 +621,26 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             for key in out:
                 pad = [fill[key]] * extra
                 out[key].append(pad + row[key] if padding_side == "left" else row[key] + pad)
+        return out
 
+    def _batch_tables(self, samples: list[_Sample], columns: dict, owned: list) -> dict[str, list]:
+        """Per-row `segment_rel` (zero-padded to the largest), the shared ext table with each row's mask, and
+        `unk_allowed`."""
         size = max(len(sample.segment_rel) for sample in samples)
-        out["segment_rel"] = [[r + [0] * (size - len(r)) for r in sample.segment_rel]
-                              + [[0] * size for _ in range(size - len(sample.segment_rel))] for sample in samples]
+        segment_rel = [[r + [0] * (size - len(r)) for r in sample.segment_rel]
+                       + [[0] * size for _ in range(size - len(sample.segment_rel))] for sample in samples]
         table = sorted(columns.items(), key=lambda kv: kv[1])
-        out["ext_table_ids"] = [[index for (index, _), _ in table] for _ in samples]
-        out["ext_table_sub"] = [[sub for (_, sub), _ in table] for _ in samples]
-        out["ext_table_mask"] = [[int(column in own) for _, column in table] for own in owned]
-        out["unk_allowed"] = [int(self.unk_token in sample.names) for sample in samples]
+        return {
+            "segment_rel": segment_rel,
+            "ext_table_ids": [[index for (index, _), _ in table] for _ in samples],
+            "ext_table_sub": [[sub for (_, sub), _ in table] for _ in samples],
+            "ext_table_mask": [[int(column in own) for _, column in table] for own in owned],
+            "unk_allowed": [int(self.unk_token in sample.names) for sample in samples],
+        }
 
+    @staticmethod
+    def _to_batch_encoding(out: dict, batch: int, table_size: int, return_tensors) -> BatchEncoding:
+        """Order the keys and convert to `return_tensors` (`None`: lists; ext tables keep their [B, E] shape)."""
         order = ["input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                  "ext_table_sub", "ext_table_mask", "unk_allowed", "labels"]
         out = {key: out[key] for key in order if key in out}
@@ -627,7 +652,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         for key, value in out.items():
             tensor = torch.tensor(value, dtype=torch.long)
             if key.startswith("ext_table"):
-                tensor = tensor.view(len(samples), len(table))
+                tensor = tensor.view(batch, table_size)
             tensors[key] = tensor.numpy() if return_tensors == "np" else tensor
         return BatchEncoding(tensors)
 
