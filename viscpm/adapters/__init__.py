@@ -178,7 +178,7 @@ def chat_training_prompt(question: str, answer: str, context: str = "", query_nu
 
 def _encode_training(tokenizer, prompt: dict) -> dict:
     """Training layout of one prompt, unpadded, with its own ext table (merged per batch by the collators)."""
-    enc = tokenizer(prompt, return_labels=True, return_tensors=None, padding=False)
+    enc = tokenizer([prompt], return_labels=True)  # a one-item batch: lists of one row
     return {
         "input_ids": enc["input_ids"][0],
         "segment_ids": enc["segment_ids"][0],
@@ -789,7 +789,7 @@ def prepare_paint_dataset(
                 path, data = _image_reference(image, folder)
                 reason = _check_image(path, data) if check_images else ("" if path or data else "missing image")
             if not reason:
-                enc = tokenizer(paint_caption_prompt(caption), return_tensors=None, padding=False)
+                enc = tokenizer([paint_caption_prompt(caption)])  # a one-item batch: lists of one row
                 encoded = {key: enc[key][0] for key in ("input_ids", "segment_ids", "context_mask", "segment_rel",
                                                         "ext_table_ids", "ext_table_sub")}
                 if max_length is not None and len(encoded["input_ids"]) > max_length:
