@@ -50,6 +50,8 @@ setup(
             "gradio>=6,<7",
             "gradio_client>=2",
             "playwright>=1.50",
+            # transformers' own common tests (tests/conformance, run from ../shared/hf-upstream-tests) import it
+            "parameterized",
         ],
     },
     entry_points={"console_scripts": ["viscpm=viscpm.apps.cli:main"]},

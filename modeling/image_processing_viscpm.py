@@ -136,7 +136,7 @@ def load_image_file(source: str | os.PathLike | bytes, what: str | None = None) 
             raise ValueError(f"{what} is too large to decode safely ({error}). If you trust it, raise or disable "
                              "PIL.Image.MAX_IMAGE_PIXELS.") from None
         except UnidentifiedImageError:
-            raise ValueError(f"{what} is not an image file PIL can read") from None
+            raise ValueError(f"{what} is not an image file PIL can read: pass a PNG, JPEG, WebP, ... file") from None
         limit = Image.MAX_IMAGE_PIXELS
         width, height = image.size
         if limit is not None and width * height > limit:
@@ -295,6 +295,9 @@ class VisCPMImageProcessor(BaseImageProcessor):
 
     def _flatten(self, images: Any) -> list:
         """One image, a list of images or a 4-D batch array/tensor to a flat list of single images."""
+        if images is None:
+            raise ValueError("no image given (None): pass a PIL image, a numpy array, a torch tensor, a file path "
+                             "or URL, or a list of them")
         if self._is_single(images):
             return [images]
         if isinstance(images, (np.ndarray, torch.Tensor)):
