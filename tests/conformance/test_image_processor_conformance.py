@@ -3,6 +3,7 @@
 import unittest
 
 import upstream  # noqa: F401  (puts the upstream test folders on sys.path)
+from skipping import skipped_tests
 from tests.test_image_processing_common import ImageProcessingTester, ImageProcessingTestMixin
 
 from viscpm.modeling import VisCPMImageProcessor
@@ -42,15 +43,8 @@ class VisCPMImageProcessingTester(ImageProcessingTester):
         return {"pil": VisCPMImageProcessor}
 
 
-def _skipping(reason):
-    @unittest.skip(reason)
-    def test(self):
-        pass
-
-    return test
-
 
 class VisCPMImageProcessingTest(ImageProcessingTestMixin, unittest.TestCase):
     image_processor_tester_class = VisCPMImageProcessingTester
 
-    locals().update({name: _skipping(reason) for name, reason in SKIPS.items()})
+    locals().update(skipped_tests(SKIPS))

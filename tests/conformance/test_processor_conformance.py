@@ -8,6 +8,7 @@ parts) with 8 image slots, so that upstream's padding lengths hold whole prompts
 import unittest
 
 import upstream  # noqa: F401  (puts the upstream test folders on sys.path)
+from skipping import skipped_tests
 from tests.test_processing_common import ProcessorTesterMixin
 
 from oracle import VOCAB_FILE
@@ -40,13 +41,6 @@ SKIPS = {
 }
 
 
-def _skipping(reason):
-    @unittest.skip(reason)
-    def test(self):
-        pass
-
-    return test
-
 
 class VisCPMChatProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = VisCPMChatProcessor
@@ -71,4 +65,4 @@ class VisCPMChatProcessorTest(ProcessorTesterMixin, unittest.TestCase):
             return processor.build_prompt(self.prepare_text_inputs())
         return super()._prepare_modality_input(modality, batch_size=batch_size)
 
-    locals().update({name: _skipping(reason) for name, reason in SKIPS.items()})
+    locals().update(skipped_tests(SKIPS))

@@ -11,6 +11,7 @@ import tempfile
 import unittest
 
 import upstream  # noqa: F401  (puts the upstream test folders on sys.path)
+from skipping import skipped_tests
 from tests.test_tokenization_common import TokenizerTesterMixin
 
 from oracle import VOCAB_FILE, OriginalTokenizer
@@ -43,13 +44,6 @@ SKIPS = {
 }
 
 
-def _skipping(reason):
-    @unittest.skip(reason)
-    def test(self):
-        pass
-
-    return test
-
 
 class CpmBeeTokenizationTest(TokenizerTesterMixin, unittest.TestCase):
     tokenizer_class = CpmBeeTokenizer
@@ -81,4 +75,18 @@ class CpmBeeTokenizationTest(TokenizerTesterMixin, unittest.TestCase):
     def test_conversion_reversible(self):
         TokenizerTesterMixin.test_conversion_reversible.__wrapped__(self)
 
-    locals().update({name: _skipping(reason) for name, reason in SKIPS.items()})
+    locals().update(skipped_tests(SKIPS))
+
+
+def test_missing_upstream_folder_is_an_error(tmp_path):
+    """Conformance tests never skip silently: without the upstream folder, importing `upstream` fails and says where
+    it looked."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import upstream"], cwd=os.path.dirname(upstream.__file__),
+                            env={**os.environ, "VISCPM_HF_UPSTREAM_TESTS": str(tmp_path / "nowhere")},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "were not found; looked in: " + str(tmp_path / "nowhere") in result.stderr
