@@ -123,7 +123,8 @@ def test_batch_is_the_tokenizer_training_layout(setup):
     processor, batch = setup["processor"], setup["batch"]
     turns = A.conversation_turns(CONVERSATION) + A.conversation_turns(_rows()[1]["conversations"])
     prompts = [A.chat_training_prompt(q, a, c, processor.query_num) for c, q, a in turns]
-    expected = processor.tokenizer(prompts, return_labels=True, padding_side="right")
+    expected = processor.tokenizer(prompts, return_labels=True, padding_side="right", padding=True,
+                                   return_tensors="pt")
     assert expected["ext_table_ids"].shape[1] >= 2  # the OOV pieces of different examples share one table
     for key in ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub", "labels"):

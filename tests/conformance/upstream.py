@@ -1,40 +1,55 @@
-"""Where the ecosystem's own common tests are (transformers' and diffusers', unchanged upstream copies): found on
-import and put on ``sys.path``, never copied into this repository.
+"""Where the ecosystem's own common tests are: transformers' and diffusers' test mixins, run from outside the repo.
 
-The folder is the first of: the environment variable ``VISCPM_HF_UPSTREAM_TESTS``, ``<repo>/../shared/hf-upstream-tests``,
-``/work/shared/hf-upstream-tests``. Its ``transformers/`` goes first on ``sys.path`` (its ``tests`` package holds
-``ModelTesterMixin`` and friends), and the folder itself too (diffusers' tests import as ``hf_diffusers_tests``).
-Without the folder, importing this module is an error that says where it looked: the conformance tests never skip
-silently.
+The folder (see its README) is looked up in this order: the environment variable ``VISCPM_HF_UPSTREAM_TESTS``,
+``<repo>/../shared/hf-upstream-tests``, ``/work/shared/hf-upstream-tests``. Importing this module puts its
+``transformers/`` folder first on ``sys.path`` (upstream's ``tests`` package, e.g. ``tests.test_tokenization_common``)
+and the folder itself on ``sys.path`` (``hf_diffusers_tests``). ``UPSTREAM`` is the folder. If none of the places
+holds it, importing fails with an error naming them: conformance tests never skip silently.
 """
 
 import os
 import sys
 from pathlib import Path
 
+
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def _locate() -> Path:
-    candidates = []
+def _candidates() -> list[Path]:
+    places = []
     if os.environ.get("VISCPM_HF_UPSTREAM_TESTS"):
-        candidates.append(Path(os.environ["VISCPM_HF_UPSTREAM_TESTS"]))
-    candidates += [_REPO.parent / "shared" / "hf-upstream-tests", Path("/work/shared/hf-upstream-tests")]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
+        places.append(Path(os.environ["VISCPM_HF_UPSTREAM_TESTS"]).expanduser())
+    places += [_REPO.parent / "shared" / "hf-upstream-tests", Path("/work/shared/hf-upstream-tests")]
+    return places
+
+
+def _locate() -> Path:
+    places = _candidates()
+    if os.environ.get("VISCPM_HF_UPSTREAM_TESTS"):
+        places = places[:1]  # asked for explicitly: that folder or an error, never another one
+    for place in places:
+        if (place / "transformers" / "tests").is_dir():
+            return place.resolve()
     raise RuntimeError(
-        "the upstream transformers/diffusers tests are not found; looked in: "
-        + ", ".join(map(str, candidates))
-        + ". Set VISCPM_HF_UPSTREAM_TESTS to the hf-upstream-tests folder (see its README)"
+        "the upstream common tests (transformers/diffusers test mixins) were not found; looked in: "
+        + ", ".join(str(place) for place in places)
+        + ". Set VISCPM_HF_UPSTREAM_TESTS to the folder that holds transformers/tests and hf_diffusers_tests."
     )
 
 
 UPSTREAM = _locate()
 
-for _path in (str(UPSTREAM), str(UPSTREAM / "transformers")):  # transformers/ ends up first
+for _path in (str(UPSTREAM), str(UPSTREAM / "transformers")):
     if _path in sys.path:
         sys.path.remove(_path)
-    sys.path.insert(0, _path)
+sys.path.insert(0, str(UPSTREAM))
+sys.path.insert(0, str(UPSTREAM / "transformers"))
+
+# A `tests` imported from elsewhere (a namespace package made of this repo's own tests folder) would shadow
+# upstream's: upstream's files import `tests.*` and their own package by relative imports.
+_loaded = sys.modules.get("tests")
+if _loaded is not None and not str(getattr(_loaded, "__file__", "") or "").startswith(str(UPSTREAM)):
+    for _name in [name for name in sys.modules if name == "tests" or name.startswith("tests.")]:
+        del sys.modules[_name]
 
 __all__ = ["UPSTREAM"]

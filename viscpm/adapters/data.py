@@ -237,7 +237,7 @@ def _image_features() -> dict:
 def encode_example(tokenizer, prompt: dict, labels: bool = True) -> dict:
     """One prompt in the training layout, unpadded, with its own ext table (merged per batch by the collators);
     ``labels`` (CPM-Bee's training layout: the answer tokens and its closing ``</s>``, -100 elsewhere) when asked."""
-    enc = tokenizer(prompt, return_labels=labels, return_tensors=None, padding=False)
+    enc = tokenizer([prompt], return_labels=labels)  # a one-item batch: lists of one row
     keys = TEXT_KEYS if labels else TEXT_KEYS[:-1]
     return {key: enc[key][0] for key in (*keys, "segment_rel", "ext_table_ids", "ext_table_sub")}
 
@@ -491,13 +491,13 @@ def prepare_paint_dataset(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def collate_text_features(features: Sequence[Mapping], vocab_size: int, pad_token_id: int,
+def collate_text_features(features: Sequence[Mapping], ext_offset: int, pad_token_id: int,
                           keys: Sequence[str] = TEXT_KEYS, pad_to_multiple_of: int | None = None) -> dict:
     """Pad separately encoded CPM-Bee examples (right padding) into one batch with one ext table.
 
-    Each example carries its own ext table (ids >= ``vocab_size`` in ``input_ids``/``labels`` are its columns); the
-    batch table is their union in example order, deduplicated by (id, sub) — the table the tokenizer builds when it
-    encodes the same items together — and the ids are renumbered into it.
+    Each example carries its own ext table (ids >= the tokenizer's ``ext_offset`` in ``input_ids``/``labels`` are its
+    columns); the batch table is their union in example order, deduplicated by (id, sub) — the table the tokenizer
+    builds when it encodes the same items together — and the ids are renumbered into it.
     """
     if not features:
         raise ValueError("empty batch")
@@ -506,7 +506,7 @@ def collate_text_features(features: Sequence[Mapping], vocab_size: int, pad_toke
     for feature in features:
         remap = {}
         for k, pair in enumerate(zip(feature["ext_table_ids"], feature["ext_table_sub"])):
-            remap[vocab_size + k] = vocab_size + columns.setdefault(tuple(int(v) for v in pair), len(columns))
+            remap[ext_offset + k] = ext_offset + columns.setdefault(tuple(int(v) for v in pair), len(columns))
         remaps.append(remap)
     length = max(len(feature["input_ids"]) for feature in features)
     if pad_to_multiple_of:
@@ -564,7 +564,7 @@ class ChatAdapterCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[Mapping]) -> dict:
-        batch = collate_text_features(features, self.tokenizer.vocab_size, self.tokenizer.pad_token_id,
+        batch = collate_text_features(features, self.tokenizer.ext_offset, self.tokenizer.pad_token_id,
                                       pad_to_multiple_of=self.pad_to_multiple_of)
         with_image = [feature.get("image_start", -1) is not None and feature.get("image_start", -1) >= 0
                       for feature in features]
@@ -606,7 +606,7 @@ class PaintAdapterCollator:
         return torch.from_numpy(array).permute(2, 0, 1)
 
     def __call__(self, features: Sequence[Mapping]) -> dict:
-        batch = collate_text_features(features, self.tokenizer.vocab_size, self.tokenizer.pad_token_id,
+        batch = collate_text_features(features, self.tokenizer.ext_offset, self.tokenizer.pad_token_id,
                                       keys=TEXT_KEYS[:-1])
         batch["pixel_values"] = torch.stack([self._pixels(image) for image in open_batch_images(features)])
         return batch
