@@ -50,8 +50,13 @@ setup(
             "gradio>=6,<7",
             "gradio_client>=2",
             "playwright>=1.50",
-            # tests/conformance: transformers' common test mixins (run from ../shared/hf-upstream-tests) import it
+            # tests/conformance: the upstream transformers/diffusers common tests import these; scipy and torchsde
+            # are the Karras schedulers' (diffusers' test_karras_schedulers_shape)
             "parameterized",
+            "pytest-timeout",
+            "requests-mock",
+            "scipy",
+            "torchsde",
         ],
     },
     entry_points={"console_scripts": ["viscpm=viscpm.apps.cli:main"]},

@@ -138,8 +138,7 @@ def with_recipes(pipe, channels_last=False, fuse_qkv=False, compile=False, compi
         parts["scheduler"] = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     elif scheduler != "default":
         raise ValueError(f"scheduler must be 'default' or 'dpm', got {scheduler!r}")
-    options = {key: pipe.config[key] for key in ("prompt_checker_threshold", "ranker_candidates")}
-    variant = VisCPMPaintPipeline(**parts, **options)
+    variant = VisCPMPaintPipeline(**parts)
     variant.set_progress_bar_config(disable=True)
     if fuse_qkv:
         variant.fuse_qkv_projections()

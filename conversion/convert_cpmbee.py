@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,19 +29,19 @@ from viscpm.conversion.common import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
     KeyMap,
-    ScriptArgumentParser,
-    atomic_output_dir,
-    build_meta_model,
+    check_converted,
     check_output_dir,
-    expected_parameter_shapes,
+    config_differences,
+    converter_parser,
     first_line,
     load_config,
     load_original_checkpoint,
     parse_dtype,
+    require_file,
     run_converter,
-    save_model_folder,
+    sizes_from_shapes,
     shorten,
-    validate_state_dict,
+    write_model_folder,
 )
 from viscpm.modeling import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
 
@@ -97,10 +96,7 @@ def map_cpmbee_key(key: str, prefix: str = "", hf_prefix: str = "model.") -> str
     Returns:
         The new key, or None if ``key`` does not start with ``prefix`` or is not a CPM-Bee key.
     """
-    if not key.startswith(prefix):
-        return None
-    mapped = CPMBEE_KEYS.to_hf(key[len(prefix):])
-    return None if mapped is None else hf_prefix + mapped
+    return CPMBEE_KEYS.to_hf(key, prefix, hf_prefix)
 
 
 def detect_prefix(keys: Iterable[str], anchor: str = CPMBEE_ANCHOR_KEY, source: str = "checkpoint") -> str:
@@ -142,11 +138,8 @@ def convert_cpmbee_state_dict(
 
 
 def cpmbee_original_name(hf_key: str, prefix: str, hf_prefix: str) -> str:
-    if hf_key.startswith(hf_prefix):
-        original = CPMBEE_KEYS.to_original(hf_key[len(hf_prefix):])
-        if original is not None:
-            return prefix + original
-    return hf_key
+    """The original key of one of our CPM-Bee keys (for messages); other keys come back as they are."""
+    return CPMBEE_KEYS.to_original(hf_key, prefix, hf_prefix) or hf_key
 
 
 ORIGINAL_CONFIG_KEYS = {
@@ -189,18 +182,17 @@ def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None
     """A :class:`CpmBeeConfig` (see :func:`load_config`): nothing is the 10B model; a dict or file may be the
     original config (``dim_model``, ``num_layers``, ``half``...) or one of ours (``"model_type": "cpmbee"``)."""
     return load_config(CpmBeeConfig, config, "config", "the original CPM-Bee config JSON file",
-                       cpmbee_config_from_original)
+                       cpmbee_config_from_original, sizes={ours: key for key, ours in ORIGINAL_CONFIG_KEYS.items()})
 
 
 def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
-    path = Path(vocab_file)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
-        raise ConversionError(f"vocabulary {path} {what}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file")
+    path = require_file(vocab_file, "vocabulary", "pass the CPM-Bee vocabulary (bee.txt) with --vocab-file")
     try:
         tokenizer = CpmBeeTokenizer(str(path))
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConversionError(f"cannot read vocabulary {path}: {first_line(error)}") from None
+        raise ConversionError(
+            f"cannot read vocabulary {path}: {first_line(error)}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file"
+        ) from None
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size != config.vocab_size:
         raise ConversionError(
@@ -210,29 +202,26 @@ def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBe
     return tokenizer
 
 
-def cpmbee_config_differences(converted: Mapping[str, torch.Tensor], config: CpmBeeConfig) -> str:
-    """What the checkpoint's shapes say about the config, where that differs from ``config``.
+CPMBEE_SHAPE_SIZES = (
+    ("vocab_size", "embed_tokens.weight", 2, 0),
+    ("hidden_size", "embed_tokens.weight", 2, 1),
+    ("num_hidden_layers", "layers.", None, None),
+    ("intermediate_size", "layers.0.mlp.gate_proj.weight", 2, 0),
+    ("num_attention_heads", "position_bias.weight", 2, 1),
+)
+"""Where our weights' shapes show the config's sizes (see :func:`~viscpm.conversion.common.sizes_from_shapes`)."""
+
+
+def cpmbee_config_differences(
+    converted: Mapping[str, torch.Tensor], config: CpmBeeConfig, hf_prefix: str = "model.", label: str = ""
+) -> str:
+    """What the checkpoint's shapes say about the config, where that differs from ``config`` (see
+    :func:`~viscpm.conversion.common.config_differences`); ``hf_prefix`` is where ``CpmBeeModel`` sits.
 
     Only the sizes that shapes determine are read: vocabulary, width, depth, FFN width and heads.
     """
-    found: dict[str, int] = {}
-    embedding = converted.get("model.embed_tokens.weight")
-    if embedding is not None and embedding.dim() == 2:
-        found["vocab_size"], found["hidden_size"] = (int(size) for size in embedding.shape)
-    layers = {int(m.group(1)) for key in converted if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    if layers:
-        found["num_hidden_layers"] = max(layers) + 1
-    gate = converted.get("model.layers.0.mlp.gate_proj.weight")
-    if gate is not None and gate.dim() == 2:
-        found["intermediate_size"] = int(gate.shape[0])
-    bias = converted.get("model.position_bias.weight")
-    if bias is not None and bias.dim() == 2:
-        found["num_attention_heads"] = int(bias.shape[1])
-    return ", ".join(
-        f"{name}={value} not {getattr(config, name)}"
-        for name, value in found.items()
-        if getattr(config, name) != value
-    )
+    found = sizes_from_shapes(converted, CPMBEE_SHAPE_SIZES, hf_prefix)
+    return config_differences(found, {name: getattr(config, name) for name in found}, label)
 
 
 def convert_cpmbee_checkpoint(
@@ -267,7 +256,8 @@ def convert_cpmbee_checkpoint(
     """
     cfg = load_cpmbee_config(config)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, config, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     tokenizer = load_tokenizer(vocab_file, cfg) if vocab_file is not None else None
 
     source = str(checkpoint)
@@ -278,73 +268,33 @@ def convert_cpmbee_checkpoint(
     if unmapped and not converted:
         raise ConversionError(f"{source} holds no CPM-Bee weights under the prefix {prefix!r}")
 
-    model = build_meta_model(CpmBeeForCausalLM, cfg)
-    differences = cpmbee_config_differences(converted, cfg)
     hint = "pass the original config of this checkpoint with --config" if config is None else (
         "pass the config that belongs to this checkpoint"
     )
-    validate_state_dict(
-        converted,
-        expected_parameter_shapes(model),
-        unexpected=unmapped,
-        describe=lambda key: cpmbee_original_name(key, prefix, "model."),
-        source=source,
-        summary=f"the checkpoint has {differences}" if differences else "",
-        hint=hint,
-    )
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_model_folder(
-            tmp,
-            converted,
-            cfg,
-            model,
-            dtype=target_dtype,
-            tokenizer=tokenizer,
-            max_shard_size=max_shard_size,
-            progress=progress,
-        )
-    return Path(output_dir)
+    def describe(key):
+        return cpmbee_original_name(key, prefix, "model.")
+
+    model = check_converted(converted, CpmBeeForCausalLM, cfg, source=source, unexpected=unmapped,
+                            describe=describe, differences=cpmbee_config_differences(converted, cfg), hint=hint)
+    return write_model_folder(output_dir, converted, cfg, model, overwrite=overwrite, inputs=inputs,
+                              dtype=target_dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                              progress=progress, describe=describe)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = ScriptArgumentParser(
-        prog=prog,
-        description="Convert an original CPM-Bee checkpoint (torch.save state dict) into a Hugging Face folder.",
+    return converter_parser(
+        prog,
+        "Convert an original CPM-Bee checkpoint (torch.save state dict) into a Hugging Face folder.",
+        "the original checkpoint (.pt); keys may sit under 'llm.'",
+        {"--config": dict(help="the original config JSON (dim_model, num_layers, ...) or one of ours; default: the "
+                               "10B model")},
     )
-    parser.add_argument("--checkpoint", required=True, help="the original checkpoint (.pt); keys may sit under 'llm.'")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
-    parser.add_argument(
-        "--config",
-        help="the original config JSON (dim_model, num_layers, ...) or one of ours; default: the 10B model",
-    )
-    parser.add_argument(
-        "--vocab-file",
-        help="the CPM-Bee vocabulary (bee.txt); default: the one in the installed original VisCPM package",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="dtype of the written weights; default: keep the checkpoint's",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir once done")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)  # exits 2 on usage errors
-
-    return run_converter(
-        convert_cpmbee_checkpoint,
-        vocab_file=args.vocab_file,
-        checkpoint=args.checkpoint,
-        output_dir=args.output_dir,
-        config=args.config,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    return run_converter(convert_cpmbee_checkpoint, args, config=args.config)
 
 
 if __name__ == "__main__":

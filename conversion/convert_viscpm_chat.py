@@ -51,19 +51,20 @@ from viscpm.conversion.common import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
     KeyMap,
-    ScriptArgumentParser,
-    atomic_output_dir,
-    build_meta_model,
+    check_converted,
     check_output_dir,
-    expected_parameter_shapes,
+    config_differences,
+    converter_parser,
     first_line,
     load_config,
     load_original_checkpoint,
     parse_dtype,
     run_converter,
-    save_model_folder,
+    shape_of,
     shorten,
-    validate_state_dict,
+    sizes_from_shapes,
+    split_by_prefix,
+    write_model_folder,
 )
 from viscpm.conversion.convert_cpmbee import (
     convert_cpmbee_state_dict,
@@ -153,22 +154,13 @@ def map_chat_key(key: str) -> str | None:
         return _TOP_LEVEL[key]
     if _MAPPING.fullmatch(key):
         return key
-    if key.startswith(_VISION_PREFIX):
-        mapped = VISION_KEYS.to_hf(key[len(_VISION_PREFIX):])
-        return None if mapped is None else _HF_VISION + mapped
-    if key.startswith(_LLM_PREFIX):
-        return map_cpmbee_key(key, _LLM_PREFIX, _HF_LLM)
-    return None
+    return VISION_KEYS.to_hf(key, _VISION_PREFIX, _HF_VISION) or map_cpmbee_key(key, _LLM_PREFIX, _HF_LLM)
 
 
 def _original_name(hf_key: str) -> str:
     """The original key for one of ours (for messages)."""
-    if hf_key.startswith(_HF_VISION):
-        original = VISION_KEYS.to_original(hf_key[len(_HF_VISION):])
-        return hf_key if original is None else _VISION_PREFIX + original
-    if hf_key.startswith(_HF_LLM):
-        return cpmbee_original_name(hf_key, _LLM_PREFIX, _HF_LLM)
-    return hf_key
+    return VISION_KEYS.to_original(hf_key, _VISION_PREFIX, _HF_VISION) or cpmbee_original_name(
+        hf_key, _LLM_PREFIX, _HF_LLM)
 
 
 def convert_chat_state_dict(
@@ -180,12 +172,10 @@ def convert_chat_state_dict(
         ``(converted, unmapped, dropped)``: our tensors, the original keys no rule knows, and the keys of
         :data:`CHAT_DROPPED_KEYS` that were present.
     """
-    llm = {key: tensor for key, tensor in state_dict.items() if key.startswith(_LLM_PREFIX)}
+    llm, rest = split_by_prefix(state_dict, _LLM_PREFIX)
     converted, unmapped = convert_cpmbee_state_dict(llm, _LLM_PREFIX, _HF_LLM)
     dropped = []
-    for key, tensor in state_dict.items():
-        if key.startswith(_LLM_PREFIX):
-            continue
+    for key, tensor in rest.items():
         if key in CHAT_DROPPED_KEYS:
             dropped.append(key)
             continue
@@ -265,8 +255,9 @@ def vision_config_from_original(original: Mapping) -> VisCPMVisionConfig:
 def load_vision_config(config: VisCPMVisionConfig | str | os.PathLike | Mapping | None = None) -> VisCPMVisionConfig:
     """A `VisCPMVisionConfig` (see `load_config`): nothing is BEiT-3 large 224/16; a dict or file holds torchscale
     `EncoderConfig` keys (``encoder_embed_dim``, ``encoder_layers``, ...) or is ours (``"model_type": "viscpm_vision"``)."""
+    sizes = {ours: key for key, ours in ORIGINAL_VISION_KEYS.items() if ours != "hidden_act"}
     return load_config(VisCPMVisionConfig, config, "vision config", "a JSON file of torchscale EncoderConfig keys",
-                       vision_config_from_original)
+                       vision_config_from_original, sizes=sizes)
 
 
 def build_chat_config(llm_config=None, vision_config=None, query_num: int | None = None) -> VisCPMChatConfig:
@@ -282,25 +273,22 @@ def build_chat_config(llm_config=None, vision_config=None, query_num: int | None
         raise ConversionError(first_line(error)) from None
 
 
+_CHAT_SHAPE_SIZES = (
+    ("query_num", "query", 2, 0),
+    ("vision hidden_size", "query", 2, 1),
+    ("vision num_hidden_layers", _HF_VISION + "layers.", None, None),
+    ("vision intermediate_size", _HF_VISION + "layers.0.mlp.image.fc1.weight", 2, 0),
+    ("vision patch_size", _HF_VISION + "embeddings.patch_embedding.weight", 4, -1),
+)
+
+
 def _chat_config_differences(converted: Mapping[str, torch.Tensor], config: VisCPMChatConfig) -> str:
     """What the checkpoint's shapes say about the sizes, where that differs from ``config`` (for messages)."""
     vision = config.vision_config
-    found: dict[str, int] = {}
-    query = converted.get("query")
-    if query is not None and query.dim() == 2:
-        found["query_num"], found["vision hidden_size"] = (int(size) for size in query.shape)
-    layers = {int(m.group(1)) for key in converted if (m := re.match(r"vision_model\.layers\.(\d+)\.", key))}
-    if layers:
-        found["vision num_hidden_layers"] = max(layers) + 1
-    fc1 = converted.get("vision_model.layers.0.mlp.image.fc1.weight")
-    if fc1 is not None and fc1.dim() == 2:
-        found["vision intermediate_size"] = int(fc1.shape[0])
-    patch = converted.get("vision_model.embeddings.patch_embedding.weight")
-    if patch is not None and patch.dim() == 4:
-        found["vision patch_size"] = int(patch.shape[-1])
-    positions = converted.get("vision_model.embeddings.position_embedding.image.weight")
-    if positions is not None and positions.dim() == 2 and "vision patch_size" in found:
-        patches = int(positions.shape[0]) - 3  # class token + the two unused rows before the first position
+    found = sizes_from_shapes(converted, _CHAT_SHAPE_SIZES)
+    positions = shape_of(converted, _HF_VISION + "embeddings.position_embedding.image.weight", 2)
+    if positions and "vision patch_size" in found:
+        patches = positions[0] - 3  # class token + the two unused rows before the first position
         side = math.isqrt(max(patches, 0))
         if side * side == patches:
             found["vision image_size"] = side * found["vision patch_size"]
@@ -312,13 +300,9 @@ def _chat_config_differences(converted: Mapping[str, torch.Tensor], config: VisC
         "vision patch_size": vision.patch_size,
         "vision image_size": vision.image_size,
     }
-    parts = [f"{name}={value} not {ours[name]}" for name, value in found.items() if ours[name] != value]
-    text = {key[len("language_model."):]: tensor for key, tensor in converted.items()
-            if key.startswith("language_model.")}
-    llm = cpmbee_config_differences(text, config.text_config)
-    if llm:
-        parts.append("llm " + llm.replace(", ", ", llm "))
-    return ", ".join(parts)
+    parts = (config_differences(found, ours),
+             cpmbee_config_differences(converted, config.text_config, _HF_LLM, label="llm "))
+    return ", ".join(part for part in parts if part)
 
 
 def _refuse_other_kinds(keys: list[str], source: str) -> None:
@@ -374,7 +358,8 @@ def convert_viscpm_chat_checkpoint(
     """
     config = build_chat_config(llm_config, vision_config, query_num)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, llm_config, vision_config, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     processor = None
     if vocab_file is not None:
         image_size = config.vision_config.image_size
@@ -396,61 +381,31 @@ def convert_viscpm_chat_checkpoint(
         original = {key[len(prefix):]: tensor for key, tensor in original.items()}
     converted, unmapped, dropped = convert_chat_state_dict(original)
 
-    model = build_meta_model(VisCPMChatForConditionalGeneration, config)
-    model.generation_config = VisCPMChatForConditionalGeneration.original_generation_config(config)  # saved below
-    differences = _chat_config_differences(converted, config)
-    hint = "pass the sizes that belong to this checkpoint (--llm-config, --vision-config, --query-num)"
-    validate_state_dict(
-        converted,
-        expected_parameter_shapes(model),
-        unexpected=unmapped,
-        describe=_original_name,
-        source=source,
-        summary=f"the checkpoint has {differences}" if differences else "",
-        hint=hint,
+    model = check_converted(
+        converted, VisCPMChatForConditionalGeneration, config, source=source, unexpected=unmapped,
+        describe=_original_name, differences=_chat_config_differences(converted, config),
+        hint="pass the sizes that belong to this checkpoint (--llm-config, --vision-config, --query-num)",
     )
+    model.generation_config = VisCPMChatForConditionalGeneration.original_generation_config(config)  # saved below
     for key in dropped:
         logger.info("dropping %s: %s, not used by VisCPM-Chat at inference", prefix + key, CHAT_DROPPED_KEYS[key])
-
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_model_folder(
-            tmp,
-            converted,
-            config,
-            model,
-            dtype=target_dtype,
-            tokenizer=processor,
-            max_shard_size=max_shard_size,
-            progress=progress,
-        )
-    return Path(output_dir)
+    return write_model_folder(output_dir, converted, config, model, overwrite=overwrite, inputs=inputs,
+                              dtype=target_dtype, tokenizer=processor, max_shard_size=max_shard_size,
+                              progress=progress, describe=_original_name)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = ScriptArgumentParser(
-        prog=prog,
-        description="Convert an original VisCPM-Chat checkpoint (torch.save state dict) into a Hugging Face folder.",
+    return converter_parser(
+        prog,
+        "Convert an original VisCPM-Chat checkpoint (torch.save state dict) into a Hugging Face folder.",
+        "the original VisCPM-Chat checkpoint (.pt / .bin)",
+        {
+            "--llm-config": dict(help="the original CPM-Bee config JSON; default: CPM-Bee 10B"),
+            "--vision-config": dict(help="JSON of torchscale EncoderConfig keys (encoder_embed_dim, encoder_layers, "
+                                         "...); default: BEiT-3 large"),
+            "--query-num": dict(type=int, help="number of query tokens; default: 64"),
+        },
     )
-    parser.add_argument("--checkpoint", required=True, help="the original VisCPM-Chat checkpoint (.pt / .bin)")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
-    parser.add_argument("--llm-config", help="the original CPM-Bee config JSON; default: CPM-Bee 10B")
-    parser.add_argument(
-        "--vision-config",
-        help="JSON of torchscale EncoderConfig keys (encoder_embed_dim, encoder_layers, ...); default: BEiT-3 large",
-    )
-    parser.add_argument("--query-num", type=int, help="number of query tokens; default: 64")
-    parser.add_argument(
-        "--vocab-file",
-        help="the CPM-Bee vocabulary (bee.txt); default: the one in the installed original VisCPM package",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        help="dtype of the written weights; default: keep the checkpoint's",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir once done")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -458,20 +413,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.query_num is not None and args.query_num < 1:
         print(f"error: --query-num must be positive, got {args.query_num}", file=sys.stderr)
         return 2
-
-    return run_converter(
-        convert_viscpm_chat_checkpoint,
-        vocab_file=args.vocab_file,
-        log_to_stderr=__name__,
-        checkpoint=args.checkpoint,
-        output_dir=args.output_dir,
-        llm_config=args.llm_config,
-        vision_config=args.vision_config,
-        query_num=args.query_num,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    return run_converter(convert_viscpm_chat_checkpoint, args, llm_config=args.llm_config,
+                         vision_config=args.vision_config, query_num=args.query_num)
 
 
 if __name__ == "__main__":

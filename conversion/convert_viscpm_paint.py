@@ -41,10 +41,10 @@ import torch
 from viscpm.conversion.common import (
     DEFAULT_MAX_SHARD_SIZE,
     ConversionError,
-    ScriptArgumentParser,
     atomic_output_dir,
-    build_meta_model,
+    check_converted,
     check_output_dir,
+    converter_parser,
     expected_parameter_shapes,
     first_line,
     load_original_checkpoint,
@@ -52,6 +52,7 @@ from viscpm.conversion.common import (
     run_converter,
     save_model_folder,
     shorten,
+    split_by_prefix,
     validate_state_dict,
     write_safetensors,
 )
@@ -108,12 +109,10 @@ def convert_paint_state_dict(
             f"{source} is a VisCPM-Chat checkpoint (it has {shorten(chat, 3)}), not a VisCPM-Paint one; "
             "convert it with the Chat converter, or pass viscpm_paint_*_checkpoint.pt here"
         )
-    llm = {key: value for key, value in state_dict.items() if key.startswith("llm.")}
+    llm, rest = split_by_prefix(state_dict, "llm.")
     text_encoder, unexpected = convert_cpmbee_state_dict(llm, prefix="llm.", hf_prefix="model.")
     unet: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.startswith("llm."):
-            continue
+    for key, value in rest.items():
         if key.startswith("unet."):
             unet[key[len("unet."):]] = value
         elif key in PAINT_BRIDGE_KEYS:
@@ -175,7 +174,9 @@ def load_sd_base(sd_base: str | os.PathLike = DEFAULT_SD_BASE):
     return vae, scheduler, unet_config
 
 
-def _model_index(threshold: float = 0.75, candidates: int = 4) -> dict:
+def _model_index() -> dict:
+    """The pipeline's components. `viscpm.VisCPMPaint`'s prompt checker and ranker are not written: it fetches the
+    original's when a folder lists none (see viscpm/paint.py for how a folder holds them)."""
     import diffusers
 
     return {
@@ -188,12 +189,6 @@ def _model_index(threshold: float = 0.75, candidates: int = 4) -> dict:
         "scheduler": ["diffusers", "DDPMScheduler"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
-        "prompt_checker": [None, None],
-        "prompt_checker_tokenizer": [None, None],
-        "ranker": [None, None],
-        "ranker_processor": [None, None],
-        "prompt_checker_threshold": threshold,
-        "ranker_candidates": candidates,
     }
 
 
@@ -229,7 +224,8 @@ def convert_viscpm_paint_checkpoint(
         raise ConversionError("no vocabulary given: pass --vocab-file bee.txt (the CPM-Bee vocabulary)")
     text_config = load_cpmbee_config(llm_config)
     target_dtype = parse_dtype(dtype)
-    check_output_dir(output_dir, overwrite)
+    inputs = (checkpoint, llm_config, sd_base, vocab_file)
+    check_output_dir(output_dir, overwrite, inputs)
     tokenizer = load_tokenizer(vocab_file, text_config)
     vae, scheduler, unet_config = load_sd_base(sd_base)
 
@@ -247,14 +243,8 @@ def convert_viscpm_paint_checkpoint(
         )
     hint = "pass the CPM-Bee config of this checkpoint with --llm-config" if llm_config is None else (
         "pass the CPM-Bee config that belongs to this checkpoint")
-    validate_state_dict(
-        text_state,
-        expected_parameter_shapes(build_meta_model(VisCPMPaintTextEncoder, config)),
-        unexpected=unexpected,
-        describe=_original_name,
-        source=source,
-        hint=hint,
-    )
+    check_converted(text_state, VisCPMPaintTextEncoder, config, source=source, unexpected=unexpected,
+                    describe=_original_name, hint=hint)
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
@@ -269,14 +259,15 @@ def convert_viscpm_paint_checkpoint(
         hint="pass the Stable Diffusion base this checkpoint was trained on with --sd-base",
     )
 
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         (tmp / "text_encoder").mkdir()
         save_model_folder(tmp / "text_encoder", text_state, config, VisCPMPaintTextEncoder, dtype=target_dtype,
-                          max_shard_size=max_shard_size, progress=progress)
+                          max_shard_size=max_shard_size, progress=progress, describe=_original_name)
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "unet").mkdir()
         write_safetensors(unet_state, tmp / "unet", dtype=target_dtype, max_shard_size=max_shard_size,
-                          weights_name="diffusion_pytorch_model.safetensors", progress=progress)
+                          weights_name="diffusion_pytorch_model.safetensors", progress=progress,
+                          describe=lambda key: "unet." + key)
         unet.save_config(tmp / "unet")
         if target_dtype is not None:
             vae = vae.to(target_dtype)
@@ -287,43 +278,21 @@ def convert_viscpm_paint_checkpoint(
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = ScriptArgumentParser(
-        prog=prog,
-        description="Convert an original VisCPM-Paint checkpoint into a diffusers pipeline folder.",
+    return converter_parser(
+        prog,
+        "Convert an original VisCPM-Paint checkpoint into a diffusers pipeline folder.",
+        "the original checkpoint (viscpm_paint_*_checkpoint.pt)",
+        {
+            "--llm-config": dict(help="the original CPM-Bee config JSON or one of ours; default: CPM-Bee 10B"),
+            "--sd-base": dict(default=DEFAULT_SD_BASE, help="Hub repo or local folder with vae/, scheduler/, "
+                                                            f"unet/config.json (default: {DEFAULT_SD_BASE})"),
+        },
     )
-    parser.add_argument("--checkpoint", required=True, help="the original checkpoint (viscpm_paint_*_checkpoint.pt)")
-    parser.add_argument("--output-dir", required=True, help="folder to create (must not exist or be empty)")
-    parser.add_argument("--llm-config", help="the original CPM-Bee config JSON or one of ours; default: CPM-Bee 10B")
-    parser.add_argument(
-        "--sd-base",
-        default=DEFAULT_SD_BASE,
-        help=f"Hub repo or local folder with vae/, scheduler/, unet/config.json (default: {DEFAULT_SD_BASE})",
-    )
-    parser.add_argument(
-        "--vocab-file",
-        help="the CPM-Bee vocabulary (bee.txt); default: the one in the installed original VisCPM package",
-    )
-    parser.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the written weights; default: keep"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir once done")
-    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)  # exits 2 on usage errors
-    return run_converter(
-        convert_viscpm_paint_checkpoint,
-        vocab_file=args.vocab_file,
-        checkpoint=args.checkpoint,
-        output_dir=args.output_dir,
-        llm_config=args.llm_config,
-        sd_base=args.sd_base,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    return run_converter(convert_viscpm_paint_checkpoint, args, llm_config=args.llm_config, sd_base=args.sd_base)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python conversion/push_to_hub.py viscpm-chat-hf me/viscpm-chat-hf \\
         [--private] [--revision BRANCH] [--commit-message MSG] [--create-pr] \\
         [--source-checkpoint viscpm_chat_balance_checkpoint.pt] [--language zh --language en] \\
-        [--dry-run | --stage-dir DIR [--overwrite]]
+        [--include-dotfiles] [--dry-run | --stage-dir DIR [--overwrite]]
 
 The repo gets the folder's files, the model-definition files from `modeling/` with `auto_map` entries (so it loads
 with `trust_remote_code=True` where viscpm is not installed) and a generated model card (YAML metadata, what the
@@ -13,6 +13,14 @@ token from `HF_TOKEN` or the login cache (`hf auth login`).
 
 `--dry-run` prints the file list and the card without touching the network; `--stage-dir DIR` writes the exact
 folder that would be uploaded and uploads nothing.
+
+Nothing from outside the folder is read: a link to a file inside the folder is uploaded as that file, but a link
+that points outside the folder (to a key, to /etc/...), nowhere, or to a folder makes the push (and `--dry-run`,
+`--stage-dir`) stop with an error that lists the links, before anything is staged or sent; replace such a link
+with a copy of what it points to, or remove it. (Refusing rather than skipping: a skipped link would publish an
+incomplete model without anyone noticing.) Hidden files and folders (`.env`, `.secrets/`, ...) are left out, with a
+note, unless `--include-dotfiles`; `.git`, `.cache` and unfinished conversions are never uploaded. Repo ids are
+checked with huggingface_hub's own rules before anything else.
 
 How it works: A converted folder (VisCPM-Chat, VisCPM-Paint, CPM-Bee) or a peft language adapter is turned into an *upload plan*:
 the exact files of the repo, each taken from the folder as is (weights) or rewritten (configs with ``auto_map``),
@@ -52,16 +60,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
 from viscpm import modeling
-from viscpm.conversion.common import ConversionError, ScriptArgumentParser, atomic_output_dir
+from viscpm.conversion.common import (
+    ConversionError,
+    ScriptArgumentParser,
+    atomic_output_dir,
+    first_line,
+    is_within,
+    shorten,
+)
 
 __all__ = [
     "HubError",
     "UploadPlan",
     "build_model_card",
     "code_closure",
+    "collect_folder_files",
     "detect_kind",
     "file_sha256",
     "main",
@@ -208,14 +225,97 @@ def detect_kind(folder: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def collect_folder_files(folder: str | os.PathLike, include_dotfiles: bool = False) -> tuple[dict[str, Path], dict]:
+    """The files of ``folder`` to upload, ``{path_in_repo: file}``, and those left out, ``{path_in_repo: reason}``.
+
+    Only what lies inside the folder is ever read: a link to a file inside it stands for that file (the plan holds
+    the file it points to), while a link that points outside, nowhere or to a folder is refused (see the module
+    docstring). Hidden entries (a name starting with ".") are left out unless ``include_dotfiles``; ``.git``,
+    ``.cache``, ``__pycache__``, lock files and unfinished conversions always are.
+
+    Raises:
+        HubError: the folder holds links that would read from outside it (all of them are named).
+    """
+    root = Path(folder).resolve()
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    refused: list[str] = []
+    for here, dirnames, filenames in os.walk(root):  # linked folders are listed, never entered
+        kept_dirs = []
+        for entry in sorted(dirnames) + sorted(filenames):
+            path = Path(here, entry)
+            name = path.relative_to(root).as_posix()
+            if _IGNORED.search(name):
+                continue
+            if entry.startswith(".") and not include_dotfiles:
+                skipped[name] = "hidden"
+                continue
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    refused.append(f"{name} -> {os.readlink(path)} (points nowhere)")
+                    continue
+                if not is_within(target, root):
+                    refused.append(f"{name} -> {target} (outside the folder)")
+                elif target.is_dir():
+                    refused.append(f"{name} -> {target} (a folder)")
+                elif target.is_file():
+                    files[name] = target
+                else:
+                    skipped[name] = "not a regular file"
+            elif path.is_dir():
+                kept_dirs.append(entry)
+            elif path.is_file():
+                files[name] = path
+            else:
+                skipped[name] = "not a regular file"
+        dirnames[:] = kept_dirs
+    files.pop(SOURCE_INFO_FILE, None)  # its content goes into the model card
+    if refused:
+        raise HubError(
+            f"{folder} has {len(refused)} link(s) that a push will not follow: {shorten(refused, 3)}; only files "
+            "inside the folder are uploaded: replace each link with a copy of what it points to, or remove it"
+        )
+    return files, skipped
+
+
 @dataclass
 class UploadPlan:
-    """The files of the repo: ``path_in_repo -> Path`` (a file of the folder, uploaded as is) or ``bytes``."""
+    """The files of the repo: ``path_in_repo -> Path`` (a file of the folder, uploaded as is) or ``bytes``; and what
+    of the folder is left out, ``path_in_repo -> reason``."""
 
     kind: str
     repo_id: str
     folder: Path
     files: dict[str, Path | bytes] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        """What the user should know about the files left out (one line each)."""
+        hidden = [name for name, why in self.skipped.items() if why == "hidden"]
+        other = [f"{name} ({why})" for name, why in self.skipped.items() if why != "hidden"]
+        lines = []
+        if hidden:
+            lines.append(f"not uploading {len(hidden)} hidden file(s)/folder(s): {shorten(hidden)}; pass "
+                         "--include-dotfiles to upload them")
+        if other:
+            lines.append(f"not uploading {shorten(other)}")
+        return lines
+
+    def check_inside_folder(self) -> None:
+        """Refuse a plan whose files are no longer plain files inside the folder (changed since it was made, or a
+        plan built by hand): nothing from outside the folder is staged or sent.
+
+        Raises:
+            HubError: naming the files.
+        """
+        outside = [name for name, content in self.files.items() if isinstance(content, Path)
+                   and content.parent != MODELING_DIR
+                   and (content.is_symlink() or not content.is_file() or not is_within(content, self.folder))]
+        if outside:
+            raise HubError(f"{shorten(sorted(outside), 3)} of the upload no longer lie inside {self.folder} as plain "
+                           "files; prepare the upload again")
 
     def size(self, name: str) -> int:
         content = self.files[name]
@@ -374,6 +474,7 @@ def prepare_upload(
     source_checkpoint: str | os.PathLike | None = None,
     language: str | list[str] | None = None,
     base_model: str | None = None,
+    include_dotfiles: bool = False,
 ) -> UploadPlan:
     """The files a push of ``folder`` to ``repo_id`` would upload, model card and remote code included.
 
@@ -383,20 +484,19 @@ def prepare_upload(
             (default: what the folder's ``viscpm_source.json`` says, if it has one).
         language: the card's languages (default ``["zh", "en"]``; for an adapter, the language it adds).
         base_model: the card's base model (default: the official repo, or an adapter's ``base_model_name_or_path``).
+        include_dotfiles: also upload hidden files and folders (``.env``, ...); see :func:`collect_folder_files`.
 
     Raises:
-        HubError: the folder or an option is not usable; the message says why.
+        HubError: the folder or an option is not usable (a repo id huggingface_hub rejects, links that point outside
+            the folder, ...); the message says why.
     """
     folder = Path(folder)
     _check_repo_id(repo_id)
+    files, skipped = collect_folder_files(folder, include_dotfiles) if folder.is_dir() else ({}, {})
     detected = detect_kind(folder)
     if kind is not None and kind != detected:
         raise HubError(f"{folder} is a {detected} folder, not {kind}")
-    plan = UploadPlan(detected, repo_id, folder)
-    for path in sorted(folder.rglob("*")):
-        name = path.relative_to(folder).as_posix()
-        if path.is_file() and not _IGNORED.search(name) and name != SOURCE_INFO_FILE:
-            plan.files[name] = path
+    plan = UploadPlan(detected, repo_id, folder.resolve(), dict(files), skipped)
     if detected in ("chat", "cpmbee"):
         _chat_like_plan(folder, plan.files, detected)
     elif detected == "paint":
@@ -408,8 +508,13 @@ def prepare_upload(
 
 
 def _check_repo_id(repo_id: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*", repo_id or "") or ".." in repo_id:
-        raise HubError(f"{repo_id!r} is not a Hub repo id (expected NAME or OWNER/NAME, e.g. me/viscpm-chat-hf)")
+    """huggingface_hub's own rules (letters, digits, ``-_.``, at most 96 characters, no ``--``/``..``, no ``.git``
+    ending, ...), so that ``--dry-run`` and ``--stage-dir`` refuse what a push would."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"{repo_id!r} is not a Hub repo id: {first_line(error)} (expected NAME or OWNER/NAME, e.g. "
+                       "me/viscpm-chat-hf)") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,8 +676,13 @@ def stage_upload(plan: UploadPlan, stage_dir: str | os.PathLike, overwrite: bool
     copied); the folder appears only once complete.
 
     Raises:
-        HubError: ``stage_dir`` exists and is not empty (unless ``overwrite``), or cannot be written.
+        HubError: ``stage_dir`` exists and is not empty (unless ``overwrite``), cannot be written, or overlaps the
+            folder (staging into it, or replacing a folder that holds it, would change what is being pushed).
     """
+    if is_within(stage_dir, plan.folder) or is_within(plan.folder, stage_dir):
+        raise HubError(f"--stage-dir {stage_dir} and the folder {plan.folder} overlap (one holds the other); "
+                       "stage into a folder outside it")
+    plan.check_inside_folder()
     try:
         with atomic_output_dir(stage_dir, overwrite) as tmp:
             for name, content in tqdm(sorted(plan.files.items()), desc="staging", unit="file",
@@ -615,6 +725,7 @@ def push_to_hub(
         huggingface_hub's ``CommitInfo`` (``commit_url``, ``pr_url``, ...).
     """
     plan = plan or prepare_upload(folder, repo_id, **plan_options)
+    plan.check_inside_folder()
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
@@ -653,6 +764,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--source-checkpoint", help="the original .pt it was converted from (sha256 in the card)")
     parser.add_argument("--language", action="append", help="language code for the card (repeatable)")
     parser.add_argument("--base-model", help="the card's base model (default: the official repo / the adapter's)")
+    parser.add_argument("--include-dotfiles", action="store_true",
+                        help="also upload hidden files and folders (.env, ...); left out by default")
     return parser
 
 
@@ -661,7 +774,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         plan = prepare_upload(args.folder, args.repo_id, source_checkpoint=args.source_checkpoint,
-                              language=args.language, base_model=args.base_model)
+                              language=args.language, base_model=args.base_model,
+                              include_dotfiles=args.include_dotfiles)
+        for note in plan.notes():
+            print(f"note: {note}", file=sys.stderr)
         if args.dry_run:
             print(plan.describe())
             print()

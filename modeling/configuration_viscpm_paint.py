@@ -28,5 +28,13 @@ class VisCPMPaintTextEncoderConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A CPM-Bee config (e.g. of a checkpoint of the language model alone) is the text config, not the 10B
+        default with the checkpoint's fields beside it."""
+        if config_dict.get("model_type") == CpmBeeConfig.model_type:
+            config_dict = {"text_config": config_dict}
+        return super().from_dict(config_dict, **kwargs)
+
 
 __all__ = ["VisCPMPaintTextEncoderConfig"]

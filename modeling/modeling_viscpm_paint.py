@@ -27,10 +27,16 @@ class VisCPMPaintTextEncoderOutput(ModelOutput):
     Args:
         last_hidden_state (`[batch, seq, projection_dim]`): the UNet conditioning (after the bridge).
         text_hidden_state (`[batch, seq, hidden_size]`): CPM-Bee's last hidden states (after its final norm).
+        hidden_states (`tuple[torch.FloatTensor]`, with `output_hidden_states`): CPM-Bee's hidden states, the input
+            of each layer and the output after the final norm (`num_hidden_layers + 1` of `[batch, seq, hidden_size]`).
+        attentions (`tuple[torch.FloatTensor]`, with `output_attentions`): CPM-Bee's attention probabilities per
+            layer, as CPM-Bee returns them.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     text_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VisCPMPaintTextEncoder(PreTrainedModel):
@@ -72,6 +78,10 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
+    def bridge(self, text_hidden_state: torch.Tensor) -> torch.Tensor:
+        """CPM-Bee states (after its final norm) into the UNet's cross-attention space."""
+        return self.layer_norm(self.projection(text_hidden_state))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -82,6 +92,8 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
         ext_table_ids: torch.LongTensor | None = None,
         ext_table_sub: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> VisCPMPaintTextEncoderOutput | tuple:
@@ -90,9 +102,16 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
 
         Padded positions (``attention_mask == 0``) are not dropped: the UNet attends to them, as in the
         original; CPM-Bee gives them the original's states (the padding token attending to nothing).
+        ``output_attentions``, ``output_hidden_states`` and ``return_dict`` default to the config's.
         """
         kwargs.pop("use_cache", None)
         kwargs.pop("token_type_ids", None)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions:
+            kwargs["output_attentions"] = True
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -103,13 +122,17 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
             ext_table_sub=ext_table_sub,
             inputs_embeds=inputs_embeds,
             use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
-        text_hidden = outputs.last_hidden_state
-        embeds = self.layer_norm(self.projection(text_hidden))
-        if return_dict is False:
-            return embeds, text_hidden
-        return VisCPMPaintTextEncoderOutput(last_hidden_state=embeds, text_hidden_state=text_hidden)
+        output = VisCPMPaintTextEncoderOutput(
+            last_hidden_state=self.bridge(outputs.last_hidden_state),
+            text_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(outputs, "attentions", None) if output_attentions else None,
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderOutput"]

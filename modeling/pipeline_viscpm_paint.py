@@ -1,28 +1,32 @@
 """VisCPM-Paint as a diffusers pipeline: Stable Diffusion 2.1 conditioned on CPM-Bee (Chinese and English prompts).
 
-It draws the same images as the original VisCPM-Paint for the same weights, settings and ``torch.Generator``:
+It reads like diffusers' `StableDiffusionPipeline` (check_inputs, encode_prompt, prepare_latents, the denoising loop,
+decode, the image safety checker) and draws the same images as the original VisCPM-Paint for the same weights,
+settings and ``torch.Generator``:
 
 * each prompt is the CPM-Bee dict ``{"caption": prompt, "objects": ""}``, the negative prompt (default ``""``)
-  the same dict; all of them are right-padded to the longest one, and the UNet sees the padded positions
-  (no attention mask), as in the original;
+  the same dict; the original pads a prompt and its negative to the longer of the two, and the UNet sees those
+  padded positions too. A batch is padded to its longest text, and the positions beyond each pair's own length are
+  masked (``encoder_attention_mask``), so each image equals the one its prompt gives alone;
 * classifier-free guidance runs on the batch ``[uncond, cond]``;
-* the initial latents and the scheduler's noise are drawn in the original's order from ``generator``;
-* optional, as in the original: a prompt checker (a text classifier whose label 1 above
-  ``prompt_checker_threshold`` refuses the prompt), the Stable Diffusion image safety checker, and a ranker
-  (a Chinese-CLIP model) that draws ``ranker_candidates`` images per requested image and keeps the one whose
-  CLIP score against the prompt is highest.
+* the initial latents and the scheduler's noise are drawn in the original's order from ``generator``.
 
-Speed: each call encodes its prompts and negatives in one text-encoder batch and draws every image (ranker
-candidates included) in one UNet batch; the ranker scores all candidates in one batch. The usual diffusers recipes
-keep the images within float tolerance of the plain path: ``pipe.unet.to(memory_format=torch.channels_last)`` (and
-the VAE), ``pipe.fuse_qkv_projections()``, ``pipe.unet = torch.compile(pipe.unet)``; attention runs through SDPA
-(diffusers' default processors). [`~VisCPMPaintPipeline.enable_prompt_cache`] (opt-in) reuses the text conditioning
-across calls that repeat a prompt.
+The original's prompt checker and best-of-N ranker are not part of the pipeline: `viscpm.VisCPMPaint` (the drop-in
+for the original class) wraps the pipeline with them. Folders written before that split list them in
+``model_index.json``; the pipeline leaves those entries to `VisCPMPaint` (see [`VisCPMPaintPipeline.extract_init_dict`]).
+
+Speed: each call encodes its prompts and negatives in one text-encoder batch and draws every image in one UNet batch.
+The usual diffusers recipes keep the images within float tolerance of the plain path:
+``pipe.unet.to(memory_format=torch.channels_last)`` (and the VAE), ``pipe.fuse_qkv_projections()``,
+``pipe.unet = torch.compile(pipe.unet)``; attention runs through SDPA (diffusers' default processors).
+[`~VisCPMPaintPipeline.enable_prompt_cache`] (opt-in) reuses the text conditioning across calls that repeat a prompt.
 
 Only torch, transformers and diffusers are imported: the file also ships as remote code.
 """
 
 import inspect
+import math
+import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,6 +40,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -45,6 +50,17 @@ from .tokenization_cpmbee import CpmBeeTokenizer
 
 logger = logging.get_logger(__name__)
 
+LEGACY_ENTRIES = (
+    "prompt_checker",
+    "prompt_checker_tokenizer",
+    "ranker",
+    "ranker_processor",
+    "prompt_checker_threshold",
+    "ranker_candidates",
+)
+"""``model_index.json`` entries that belong to `viscpm.VisCPMPaint` (its prompt checker and ranker and their
+settings): folders converted or saved before the pipeline/user-API split list them, `VisCPMPaint` reads them."""
+
 
 @dataclass
 class VisCPMPaintPipelineOutput(BaseOutput):
@@ -52,15 +68,13 @@ class VisCPMPaintPipelineOutput(BaseOutput):
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` `[N, H, W, 3]` or `torch.Tensor` `[N, 3, H, W]`): the images,
             ``num_images_per_prompt`` per prompt, prompt-major (latents for ``output_type="latent"``). Images that
-            the safety checker flagged and images of refused prompts are black.
+            the safety checker flagged are black.
         nsfw_content_detected (`list[bool | None]`): per image, whether the image safety checker flagged it;
-            ``None`` where it did not run (no checker, a refused prompt, or ``output_type="latent"``).
-        prompt_refused (`list[bool]`): per image, whether the prompt checker refused its prompt (nothing was drawn).
+            ``None`` where it did not run (no checker, or ``output_type="latent"``).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool | None]
-    prompt_refused: list[bool]
 
 
 class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
@@ -73,22 +87,16 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         unet ([`UNet2DConditionModel`]), vae ([`AutoencoderKL`]): Stable Diffusion 2.1 parts.
         scheduler: the original's `DDPMScheduler`; any compatible diffusers scheduler can be swapped in.
         safety_checker ([`StableDiffusionSafetyChecker`], *optional*) + feature_extractor (its image processor).
-        prompt_checker (a `*ForSequenceClassification` model, *optional*) + prompt_checker_tokenizer.
-        ranker (`ChineseCLIPModel` or any CLIP-like model with `logits_per_image`, *optional*) + ranker_processor.
+        max_prompt_length (`int`, defaults to 3000, as VisCPM-Chat's prompts): the most tokens a prompt or negative
+            prompt may have; a longer one is an error before the text encoder runs, whose memory grows with the square
+            of the length. `None`: no limit.
 
     From [`StableDiffusionMixin`]: `fuse_qkv_projections` / `unfuse_qkv_projections` (UNet and VAE) and
     `enable_freeu` / `disable_freeu`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = [
-        "safety_checker",
-        "feature_extractor",
-        "prompt_checker",
-        "prompt_checker_tokenizer",
-        "ranker",
-        "ranker_processor",
-    ]
+    _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -101,21 +109,11 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler: KarrasDiffusionSchedulers,
         safety_checker=None,
         feature_extractor=None,
-        prompt_checker=None,
-        prompt_checker_tokenizer=None,
-        ranker=None,
-        ranker_processor=None,
-        prompt_checker_threshold: float = 0.75,
-        ranker_candidates: int = 4,
+        max_prompt_length: int | None = 3000,
     ):
         super().__init__()
-        for name, model, partner in (
-            ("safety_checker", safety_checker, feature_extractor),
-            ("prompt_checker", prompt_checker, prompt_checker_tokenizer),
-            ("ranker", ranker, ranker_processor),
-        ):
-            if model is not None and partner is None:
-                raise ValueError(f"`{name}` needs its preprocessor too (feature_extractor / *_tokenizer / *_processor)")
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("`safety_checker` needs its image processor too: pass `feature_extractor`")
         self.register_modules(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -124,17 +122,24 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             scheduler=scheduler,
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
-            prompt_checker=prompt_checker,
-            prompt_checker_tokenizer=prompt_checker_tokenizer,
-            ranker=ranker,
-            ranker_processor=ranker_processor,
         )
-        self.register_to_config(prompt_checker_threshold=prompt_checker_threshold, ranker_candidates=ranker_candidates)
+        if max_prompt_length is not None:
+            _require_int("max_prompt_length", max_prompt_length, 1, "tokens per prompt, e.g. 3000; None: no limit")
+        self.register_to_config(max_prompt_length=max_prompt_length)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._prompt_cache = None
 
-    # ------------------------------------------------------------------ properties
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """As diffusers', minus the entries of `LEGACY_ENTRIES`: a folder that lists the prompt checker or the ranker
+        (read by `viscpm.VisCPMPaint`) loads as a plain pipeline, without a warning about them."""
+        config_dict = {key: value for key, value in config_dict.items() if key not in LEGACY_ENTRIES}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @property
+    def default_sample_size(self) -> int:
+        return self.unet.config.sample_size if getattr(self, "unet", None) is not None else 64
 
     @property
     def guidance_scale(self):
@@ -143,6 +148,18 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
     @property
     def do_classifier_free_guidance(self):
         return self._guidance_scale > 1
+
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
 
     @property
     def num_timesteps(self):
@@ -183,13 +200,15 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             self._prompt_cache.entries.clear()
 
     @torch.no_grad()
-    def _encode_texts(self, texts: list[str], device, min_length: int = 0) -> torch.Tensor:
-        """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``)."""
+    def _encode_texts(self, texts: list[str], labels: list[str], device, min_length: int = 0,
+                      clip_skip: int | None = None):
+        """UNet conditioning of ``texts``, right-padded together to the longest (at least ``min_length``), and each
+        text's length in tokens; a text over ``max_prompt_length`` (``labels`` name them) is an error."""
         cache, key = self._prompt_cache, None
         if cache is not None and cache.validate(self.text_encoder, self.tokenizer):
-            key = (tuple(texts), min_length, torch.device(device))
-            if (embeds := cache.get(key)) is not None:
-                return embeds
+            key = (tuple(texts), min_length, clip_skip, torch.device(device))
+            if (hit := cache.get(key)) is not None:
+                return hit
         inputs = self.tokenizer(
             [self._prompt_dict(text) for text in texts],
             return_tensors="pt",
@@ -197,66 +216,94 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             max_length=min_length or None,
             padding_side="right",
         )
+        limit = self.config.max_prompt_length
+        for label, length in zip(labels, inputs["attention_mask"].sum(-1).tolist()):
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"{label} is {length} tokens, over max_prompt_length={limit}: shorten it (the text encoder's memory "
+                    "grows with the square of the length; the limit is the pipeline's `max_prompt_length`)"
+                )
         keys = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub")
         inputs = {name: inputs[name].to(device) for name in keys}
-        embeds = self.text_encoder(**inputs).last_hidden_state
+        if clip_skip:
+            # As StableDiffusionPipeline: the states `clip_skip` layers before the last, through the final norm.
+            hidden = self.text_encoder(**inputs, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            embeds = self.text_encoder.bridge(self.text_encoder.model.norm(hidden))
+        else:
+            embeds = self.text_encoder(**inputs).last_hidden_state
+        result = (embeds, inputs["attention_mask"].sum(-1))
         if key is not None:
-            cache.put(key, embeds)
-        return embeds
+            cache.put(key, result)
+        return result
 
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int,
-        do_classifier_free_guidance: bool,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text conditioning ``(prompt_embeds, negative_prompt_embeds)``, each repeated ``num_images_per_prompt``
-        times per prompt; the negative one is None without guidance.
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+    ):
+        """Text conditioning ``(prompt_embeds, negative_prompt_embeds, prompt_attention_mask,
+        negative_prompt_attention_mask)``, each repeated ``num_images_per_prompt`` times per prompt; the negative ones
+        are None without guidance.
 
-        Prompts and negative prompts are encoded in one batch, all padded to the longest, as the original pads
-        a prompt and its negative to the longer of the two. With [`enable_prompt_cache`], a batch of texts seen
-        before is not encoded again.
+        Prompts and negative prompts are encoded in one batch, padded to the longest. The masks (1: the UNet attends
+        to the position; None: to every position) keep each prompt and its negative to the longer of the two, which
+        is what the original pads them to and attends to: an image does not depend on the other prompts of its
+        batch. ``clip_skip`` takes CPM-Bee's states that many layers before the last. With [`enable_prompt_cache`],
+        a batch of texts seen before is not encoded again.
         """
+        device = device or self._execution_device
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            texts = list(prompts)
-            if do_classifier_free_guidance and negative_prompt_embeds is None:
-                texts = self._negatives(negative_prompt, len(prompts)) + texts
-            embeds = self._encode_texts(texts, device)
-            if do_classifier_free_guidance and negative_prompt_embeds is None:
-                negative_prompt_embeds, prompt_embeds = embeds[: len(prompts)], embeds[len(prompts):]
-            else:
-                prompt_embeds = embeds
+            encode_negatives = do_classifier_free_guidance and negative_prompt_embeds is None
+            negatives = self._negatives(negative_prompt, len(prompts)) if encode_negatives else []
+            embeds, lengths = self._encode_texts(negatives + prompts, _labels("negative_prompt", negatives)
+                                                 + _labels("prompt", prompts), device, clip_skip=clip_skip)
+            prompt_embeds, lengths = embeds[len(negatives):], _pair_lengths(lengths, len(negatives))
+            prompt_attention_mask = _positions_below(lengths, prompt_embeds.shape[1])
+            if encode_negatives:
+                negative_prompt_embeds, negative_prompt_attention_mask = embeds[: len(negatives)], prompt_attention_mask
         elif do_classifier_free_guidance and negative_prompt_embeds is None:
-            batch, length = prompt_embeds.shape[:2]
-            negatives = self._negatives(negative_prompt, batch)
-            lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives],
-                                                          padding=False)["input_ids"]]
-            if max(lengths) > length:
-                raise ValueError(
-                    f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
-                    "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
-                )
-            negative_prompt_embeds = self._encode_texts(negatives, device, min_length=length)
+            negative_prompt_embeds, lengths = self._encode_negatives_for(prompt_embeds, negative_prompt, device, clip_skip)
+            if prompt_attention_mask is not None:  # the pair: the prompt's positions and its negative's
+                prompt_attention_mask = prompt_attention_mask.bool() | _positions_below(lengths, prompt_embeds.shape[1])
+                negative_prompt_attention_mask = prompt_attention_mask
 
         dtype = self.unet.dtype if getattr(self, "unet", None) is not None else prompt_embeds.dtype
-        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        prompt_embeds = _repeat(prompt_embeds, num_images_per_prompt, device, dtype)
+        prompt_attention_mask = _repeat(prompt_attention_mask, num_images_per_prompt, device)
         if do_classifier_free_guidance:
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            negative_prompt_embeds = _repeat(negative_prompt_embeds, num_images_per_prompt, device, dtype)
+            negative_prompt_attention_mask = _repeat(negative_prompt_attention_mask, num_images_per_prompt, device)
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(
                     f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} and `prompt_embeds` "
                     f"{tuple(prompt_embeds.shape)} must have the same shape (pad both to the same length)"
                 )
         else:
-            negative_prompt_embeds = None
-        return prompt_embeds, negative_prompt_embeds
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        return prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask
+
+    def _encode_negatives_for(self, prompt_embeds: torch.Tensor, negative_prompt, device, clip_skip=None):
+        """The negative prompts' conditioning and lengths, padded to the length of the given ``prompt_embeds``."""
+        batch, length = prompt_embeds.shape[:2]
+        negatives = self._negatives(negative_prompt, batch)
+        lengths = [len(ids) for ids in self.tokenizer([self._prompt_dict(t) for t in negatives], padding=False)["input_ids"]]
+        if max(lengths) > length:
+            raise ValueError(
+                f"the negative prompt is {max(lengths)} tokens long but `prompt_embeds` has {length} positions: "
+                "pass `negative_prompt_embeds` too (encode both with `encode_prompt`)"
+            )
+        return self._encode_texts(negatives, _labels("negative_prompt", negatives), device, min_length=length,
+                                  clip_skip=clip_skip)
 
     @staticmethod
     def _negatives(negative_prompt, batch_size: int) -> list[str]:
@@ -271,18 +318,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise TypeError("`negative_prompt` must be a str or a list of str")
         return negatives
 
-    # ------------------------------------------------------------------ checks
-
-    @torch.no_grad()
-    def check_prompts(self, prompts: list[str], device=None) -> list[bool]:
-        """Per prompt, True when the prompt checker refuses it (its label 1 scores above the threshold)."""
-        if self.prompt_checker is None:
-            return [False] * len(prompts)
-        device = device or self._execution_device
-        inputs = self.prompt_checker_tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
-        logits = self.prompt_checker(**inputs.to(device)).logits
-        unsafe = logits.float().softmax(-1)[:, 1]
-        return [bool(score > self.config.prompt_checker_threshold) for score in unsafe]
+    # ------------------------------------------------------------------ images
 
     def run_safety_checker(self, images: np.ndarray, device, dtype) -> tuple[np.ndarray, list[bool | None]]:
         """Black out the images the safety checker flags; ``images`` are ``[N, H, W, 3]`` floats in [0, 1]."""
@@ -298,24 +334,26 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             logger.warning("Potential NSFW content was detected in one or more images: they are replaced by black images.")
         return images, flagged
 
-    @torch.no_grad()
-    def rank(self, prompt: str | list[str], images: list[PIL.Image.Image], device=None) -> torch.Tensor:
-        """The ranker's score (CLIP ``logits_per_image``) of each image against ``prompt``: ``[len(images)]``; for a
-        list of prompts, ``[len(images), len(prompts)]`` (every image against every prompt, in one batch)."""
-        device = device or self._execution_device
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        inputs = self.ranker_processor(text=texts, images=images, return_tensors="pt", padding=True)
-        scores = self.ranker(**inputs.to(device)).logits_per_image.float().cpu()
-        return scores[:, 0] if isinstance(prompt, str) else scores
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE decode to ``[N, H, W, 3]`` float32 in [0, 1]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1)
+        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
+        """The scheduler's `step` arguments beyond the sample: ``eta`` (DDIM's η) and ``generator``, where it takes
+        them."""
+        parameters = inspect.signature(self.scheduler.step).parameters
+        return {name: value for name, value in (("eta", eta), ("generator", generator)) if name in parameters}
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     num_images_per_prompt, callback_on_step_end_tensor_inputs):
-        if height % 8 != 0 or width % 8 != 0:
-            raise ValueError(f"`height` and `width` must be multiples of 8, got {height} and {width}")
-        if height <= 0 or width <= 0:
-            raise ValueError(f"`height` and `width` must be positive, got {height} and {width}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}")
+                     callback_on_step_end_tensor_inputs):
+        """The texts, sizes and conditioning of a call: each mistake a clear error before any work."""
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value) or value <= 0 or value % 8 != 0:
+                raise (TypeError if not _is_int(value) else ValueError)(
+                    f"`height` and `width` must be positive multiples of 8 (e.g. 512), got {name}={value!r}")
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
@@ -327,25 +365,71 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             for index, text in enumerate(prompts):
                 if not text.strip():
                     raise ValueError(f"prompt {index} is empty: describe the image to draw")
-            if negative_prompt is not None and not isinstance(negative_prompt, str):
-                self._negatives(negative_prompt, len(prompts))
+        if negative_prompt is not None:
+            if not isinstance(negative_prompt, (str, list, tuple)) or not all(
+                    isinstance(text, str) for text in ([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt)):
+                raise TypeError(f"`negative_prompt` must be a str or a list of str (one per prompt), got "
+                                f"{type(negative_prompt).__name__}; pass None for the default \"\"")
+            if prompt is not None and not isinstance(negative_prompt, str):
+                self._negatives(negative_prompt, 1 if isinstance(prompt, str) else len(prompt))
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
-        if prompt_embeds is not None and prompt_embeds.dim() != 3:
-            raise ValueError(f"`prompt_embeds` must be [batch, seq, dim], got shape {tuple(prompt_embeds.shape)}")
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+                raise ValueError(f"`{name}` must be a tensor [batch, seq, dim] (from `encode_prompt`), got "
+                                 f"{tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+            limit = self.config.max_prompt_length
+            if limit is not None and embeds.shape[1] > limit:
+                raise ValueError(f"`{name}` has {embeds.shape[1]} positions, over max_prompt_length={limit}")
+            _require_finite(name, embeds)
+        unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {unknown}")
 
-    # ------------------------------------------------------------------ images
+    def _check_options(self, num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta,
+                       num_images_per_prompt, generator, latents, clip_skip, cross_attention_kwargs, output_type):
+        """The numbers and options of a call: types and ranges, NaN and inf refused, each naming the argument."""
+        if timesteps is None and sigmas is None:
+            _require_int("num_inference_steps", num_inference_steps, 1, "e.g. 50")
+        _require_int("num_images_per_prompt", num_images_per_prompt, 1, "e.g. 1")
+        _require_number("guidance_scale", guidance_scale, hint="e.g. 7.5; 1 or less turns guidance off")
+        _require_number("guidance_rescale", guidance_rescale, 0.0, 1.0, "0 (off) to 1")
+        _require_number("eta", eta, 0.0, None, "DDIM's η, 0 to 1")
+        if clip_skip is not None:
+            layers = self.text_encoder.config.text_config.num_hidden_layers if self.text_encoder is not None else None
+            _require_int("clip_skip", clip_skip, 0, f"0 to {layers - 1}" if layers else "e.g. 1")
+            if layers is not None and clip_skip >= layers:
+                raise ValueError(f"`clip_skip` must be below the text encoder's {layers} layers, got {clip_skip}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+                            f"{type(generator).__name__}: e.g. torch.Generator().manual_seed(0)")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}")
+            _require_finite("latents", latents)
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise TypeError(f"`cross_attention_kwargs` must be a dict, got {type(cross_attention_kwargs).__name__}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+    def _check_timesteps(self, timesteps: torch.Tensor, num_inference_steps: int):
+        """The schedule stays within the timesteps the UNet was trained on (the schedulers index their tables by it)."""
+        train = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train is not None and len(timesteps) and float(timesteps.max()) > train - 1:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} gives {type(self.scheduler).__name__} timesteps up to "
+                f"{float(timesteps.max()):g}, beyond its {train} training timesteps (0 to {train - 1}): use fewer steps"
+            )
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"got a list of {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt"
-                " × ranker candidates): pass one generator, or exactly one per image"
+                f"got a list of {len(generator)} generators for {batch_size} images (prompts × num_images_per_prompt):"
+                " pass one generator, or exactly one per image"
             )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -354,13 +438,6 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
-
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """VAE decode to ``[N, H, W, 3]`` float32 in [0, 1]."""
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1)
-        return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
     # ------------------------------------------------------------------ call
 
@@ -371,187 +448,227 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        use_ranker: bool | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (as diffusers' pipelines)
     ):
         r"""
-        Draw images for ``prompt``.
+        Draw images for ``prompt``; the arguments are `StableDiffusionPipeline`'s (no IP-Adapter).
 
         Args:
             prompt (`str` or `list[str]`): what to draw, in Chinese or English. Or pass `prompt_embeds`.
             height, width (`int`, defaults to the UNet's sample size × the VAE scale factor, 512): multiples of 8.
-            num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, defaults to 7.5; ≤ 1 disables
-                classifier-free guidance).
+            num_inference_steps (`int`, defaults to 50), or `timesteps` / `sigmas` for schedulers that take them.
+            guidance_scale (`float`, defaults to 7.5; ≤ 1 disables classifier-free guidance), guidance_rescale
+                (`float` in [0, 1], defaults to 0): the rescale of "Common Diffusion Noise Schedules ... Are Flawed".
             negative_prompt (`str` or `list[str]`): what not to draw (default `""`, as the original).
-            num_images_per_prompt (`int`, defaults to 1).
-            generator (`torch.Generator` or a list, one per drawn image): the same generator gives the
-                original's images. With the ranker, ``ranker_candidates`` images are drawn per requested image.
+            num_images_per_prompt (`int`, defaults to 1); eta (`float`): DDIM's η (other schedulers ignore it).
+            generator (`torch.Generator` or a list, one per image): the same generator gives the original's images.
             latents (`torch.Tensor`): initial noise `[images, C, H/f, W/f]` instead of drawing it.
-            prompt_embeds, negative_prompt_embeds (`torch.Tensor`): text conditioning from [`encode_prompt`]
-                (one row per prompt); the prompt checker cannot check them.
-            output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding, the safety checker
-                and the ranker.
-            use_ranker (`bool`): rank candidates with the ranker; default: when the pipeline has one.
-            callback_on_step_end: called after each denoising step as ``fn(pipe, step, timestep, tensors)``;
-                may return replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask: text
+                conditioning from [`encode_prompt`] (one row per prompt; a mask None attends to every position).
+            output_type (`"pil"`, `"np"`, `"pt"` or `"latent"`): `"latent"` skips decoding and the safety checker.
+            cross_attention_kwargs (`dict`): passed to the UNet's attention processors (e.g. ``{"scale": 0.5}`` for
+                its LoRA layers). clip_skip (`int`): use CPM-Bee's states that many layers before the last.
+            callback_on_step_end: called after each step as ``fn(pipe, step, timestep, tensors)``; may return
+                replacements for the tensors named in `callback_on_step_end_tensor_inputs` (``prompt_embeds`` is the
+                UNet's conditioning batch, ``[negative; prompt]`` under guidance, as in `StableDiffusionPipeline`).
 
         Returns:
-            [`VisCPMPaintPipelineOutput`], or a tuple `(images, nsfw_content_detected, prompt_refused)`.
+            [`VisCPMPaintPipelineOutput`], or a tuple `(images, nsfw_content_detected)`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          num_images_per_prompt, callback_on_step_end_tensor_inputs)
-        if num_inference_steps is None or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}")
-
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
+                          callback_on_step_end_tensor_inputs)
+        self._check_options(num_inference_steps, timesteps, sigmas, guidance_scale, guidance_rescale, eta,
+                            num_images_per_prompt, generator, latents, clip_skip, cross_attention_kwargs, output_type)
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._clip_skip, self._cross_attention_kwargs, self._interrupt = clip_skip, cross_attention_kwargs, False
         device = self._execution_device
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        batch_size = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        if use_ranker is None:
-            use_ranker = self.ranker is not None
-        if use_ranker and (self.ranker is None or prompts is None):
-            raise ValueError("`use_ranker=True` needs a ranker in the pipeline and a text `prompt`")
-        use_ranker = use_ranker and output_type != "latent"
-        candidates = self.config.ranker_candidates if use_ranker else 1
 
-        # 1. Refuse flagged prompts; only the others are drawn.
-        refused = self.check_prompts(prompts, device) if prompts is not None else [False] * batch_size
-        if any(refused):
-            logger.warning(f"The prompt checker refused {sum(refused)} of {batch_size} prompts: no image is drawn for them.")
-        kept = [i for i in range(batch_size) if not refused[i]]
-        if prompts is not None:
-            prompt_kept = [prompts[i] for i in kept]
-            negative_kept = negative_prompt if negative_prompt is None or isinstance(negative_prompt, str) else [
-                negative_prompt[i] for i in kept]
-        draws = len(kept) * num_images_per_prompt * candidates
+        # 1. Text conditioning: [negative; prompt] under classifier-free guidance.
+        prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, clip_skip,
+        )
+        num_images = len(prompt_embeds)
+        attention_mask = _unet_attention_mask(prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                                              negative_prompt_attention_mask)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        images = None
-        if kept:
-            # 2. Text conditioning.
-            if prompts is None:
-                embeds_in = prompt_embeds[kept]
-                negative_in = negative_prompt_embeds[kept] if negative_prompt_embeds is not None else None
-            else:
-                embeds_in, negative_in = None, negative_prompt_embeds
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt_kept if prompts is not None else None,
-                device,
-                num_images_per_prompt * candidates,
-                self.do_classifier_free_guidance,
-                negative_kept if prompts is not None else negative_prompt,
-                prompt_embeds=embeds_in,
-                negative_prompt_embeds=negative_in,
-            )
-            if self.do_classifier_free_guidance:
-                text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            else:
-                text_embeds = prompt_embeds
+        # 2. Timesteps and initial noise.
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
+                                                            sigmas)
+        self._check_timesteps(timesteps, num_inference_steps)
+        latents = self.prepare_latents(num_images, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
+                                       device, generator, latents)
 
-            # 3. Timesteps and initial noise.
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            timesteps = self.scheduler.timesteps
-            latents = self.prepare_latents(draws, self.unet.config.in_channels, height, width, prompt_embeds.dtype,
-                                           device, generator, latents)
-            extra_step_kwargs = {"generator": generator} if "generator" in _step_parameters(self.scheduler) else {}
+        # 3. Denoise.
+        latents = self._denoise(latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds,
+                                attention_mask, self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end,
+                                callback_on_step_end_tensor_inputs)
 
-            # 4. Denoise.
-            self._num_timesteps = len(timesteps)
-            with self.progress_bar(total=num_inference_steps) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                    noise_pred = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
-                    if self.do_classifier_free_guidance:
-                        noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        # 4. Decode, check, convert.
+        images, nsfw = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw)
 
-                    if callback_on_step_end is not None:
-                        local = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                 "negative_prompt_embeds": negative_prompt_embeds}
-                        outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                        outputs = outputs or {}
-                        latents = outputs.pop("latents", latents)
-                        prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                        if self.do_classifier_free_guidance:
-                            text_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-                        else:
-                            text_embeds = prompt_embeds
-                    progress_bar.update()
-            images = latents
-
-        # 5. Decode, check, rank.
-        per_prompt = num_images_per_prompt
-        nsfw: list[bool | None] = [None] * (len(kept) * per_prompt)
-        if images is not None and output_type != "latent":
-            decoded = self.decode_latents(images)
-            decoded, nsfw = self.run_safety_checker(decoded, device, text_embeds.dtype)
-            if use_ranker:
-                # One ranker batch; each requested image is the best of its own candidates against its prompt.
-                scores = self.rank(prompt_kept, self.numpy_to_pil(decoded), device)
-                chosen = []
-                for p in range(len(kept)):
-                    for k in range(per_prompt):
-                        start = (p * per_prompt + k) * candidates
-                        chosen.append(start + int(torch.argmax(scores[start:start + candidates, p])))
-                decoded = decoded[chosen]
-                nsfw = [nsfw[i] for i in chosen]
-            images = decoded
-
-        # 6. Put refused prompts back in place (black images) and convert.
-        images, nsfw = self._fill_refused(images, nsfw, refused, kept, per_prompt, height, width, output_type, device)
-        prompt_refused = [refused[i // per_prompt] for i in range(batch_size * per_prompt)]
+    def _postprocess(self, latents: torch.Tensor, output_type: str, device, dtype):
+        """``(images, nsfw_content_detected)``: decoded, checked by the safety checker, as ``output_type``."""
+        self._check_finite("denoised latents", bool(torch.isfinite(latents).all()), latents.dtype)
+        if output_type == "latent":
+            return latents, [None] * len(latents)
+        images = self.decode_latents(latents)
+        self._check_finite("decoded images", bool(np.isfinite(images).all()), self.vae.dtype)
+        images, nsfw = self.run_safety_checker(images, device, dtype)
         if output_type == "pil":
             images = self.numpy_to_pil(images)
         elif output_type == "pt":
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return images, nsfw
 
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, nsfw, prompt_refused
-        return VisCPMPaintPipelineOutput(images=images, nsfw_content_detected=nsfw, prompt_refused=prompt_refused)
+    def _check_finite(self, what: str, finite: bool, dtype):
+        """A NaN or inf result is an error, not a black or noisy image."""
+        if not finite:
+            raise ValueError(
+                f"the {what} contain NaN or inf: guidance_scale={self.guidance_scale:g} (or a callback) drove them out "
+                f"of {dtype}'s range; use a guidance_scale of about 1 to 20"
+            )
 
-    def _fill_refused(self, images, nsfw, refused, kept, per_prompt, height, width, output_type, device):
-        if not any(refused):
-            return images, nsfw
-        total = len(refused) * per_prompt
-        if output_type == "latent":
-            shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-            full = torch.zeros(shape, device=device, dtype=self.unet.dtype)
-        else:
-            full = np.zeros((total, height, width, 3), dtype=np.float32)
-        flags: list[bool | None] = [None] * total
-        for p, index in enumerate(kept):
-            for k in range(per_prompt):
-                full[index * per_prompt + k] = images[p * per_prompt + k]
-                flags[index * per_prompt + k] = nsfw[p * per_prompt + k]
-        return full, flags
+    def _denoise(self, latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds, attention_mask,
+                 extra_step_kwargs, callback, callback_inputs) -> torch.Tensor:
+        """The denoising loop: the UNet on ``[uncond, cond]`` latents under guidance, a scheduler step, then
+        ``callback`` (which may replace the latents and the conditioning)."""
+        self._num_timesteps = len(timesteps)
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(
+                    model_input, t, encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=_rows_for(attention_mask, prompt_embeds),
+                    cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                    if self.guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=self.guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                if callback is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    outputs = callback(self, i, t, {name: tensors[name] for name in callback_inputs}) or {}
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    if "negative_prompt_embeds" in outputs:  # the uncond half of the conditioning batch
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds")
+                        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds[len(negative_prompt_embeds):]])
+                if i == len(timesteps) - 1 or (i + 1 > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        return latents
+
+
+def _unet_attention_mask(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask):
+    """The UNet's ``encoder_attention_mask`` for the conditioning batch (``[negative; prompt]`` under guidance), or
+    None when it attends to every position (then the UNet runs exactly as without a mask)."""
+    rows = [(prompt_embeds, prompt_attention_mask)]
+    if negative_prompt_embeds is not None:
+        rows.insert(0, (negative_prompt_embeds, negative_prompt_attention_mask))
+    if all(mask is None for _, mask in rows):
+        return None
+    mask = torch.cat([torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else
+                      mask.to(device=embeds.device, dtype=torch.long) for embeds, mask in rows])
+    return None if bool(mask.all()) else mask
+
+
+def _rows_for(attention_mask, prompt_embeds):
+    """The mask rows of the conditioning batch ``prompt_embeds``: a callback that turns guidance off mid-way keeps
+    its last rows (the prompts'), as diffusers' ``SDCFGCutoffCallback`` does."""
+    if attention_mask is None or attention_mask.shape[0] == prompt_embeds.shape[0]:
+        return attention_mask
+    if attention_mask.shape[0] < prompt_embeds.shape[0] or attention_mask.shape[1] != prompt_embeds.shape[1]:
+        raise ValueError(f"the callback returned `prompt_embeds` of shape {tuple(prompt_embeds.shape)}, which the "
+                         f"attention mask {tuple(attention_mask.shape)} does not cover; keep rows and positions")
+    return attention_mask[-prompt_embeds.shape[0]:]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value, minimum: int, hint: str):
+    if not _is_int(value):
+        raise TypeError(f"`{name}` must be an int ({hint}), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum} ({hint}), got {value}")
+
+
+def _require_number(name: str, value, low: float | None = None, high: float | None = None, hint: str = ""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number ({hint}), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be a finite number ({hint}), got {value}")
+
+
+def _require_finite(name: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"`{name}` contains NaN or inf values: pass finite values")
+
+
+def _labels(name: str, texts: list[str]) -> list[str]:
+    """How errors name ``texts``: ``prompt`` alone, or ``prompt[i]`` in a batch."""
+    return [f"`{name}`"] if len(texts) == 1 else [f"`{name}[{i}]`" for i in range(len(texts))]
+
+
+def _pair_lengths(lengths: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Per prompt, the longer of it and its negative (the first ``num_negatives`` of ``lengths``, if any)."""
+    if not num_negatives:
+        return lengths
+    return torch.maximum(lengths[:num_negatives], lengths[num_negatives:])
+
+
+def _positions_below(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``[len(lengths), size]``: 1 at the positions before each length."""
+    return (torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]).long()
+
+
+def _repeat(tensor: torch.Tensor | None, times: int, device, dtype=None) -> torch.Tensor | None:
+    """Each row ``times`` times in a row (images of one prompt are consecutive), on ``device`` (and ``dtype``)."""
+    if tensor is None:
+        return None
+    return tensor.to(device=device, dtype=dtype).repeat_interleave(times, dim=0)
 
 
 class _PromptCache:
-    """Text conditionings by (texts, padded length, device), least recently used first out; every entry belongs to
-    the text encoder state recorded by the last `validate`."""
+    """Text conditionings and lengths by (texts, padded length, clip_skip, device), least recently used first out;
+    every entry belongs to the text encoder state recorded by the last `validate`."""
 
     def __init__(self, max_size: int):
         self.max_size = max_size
@@ -585,20 +702,16 @@ class _PromptCache:
             self._signature = signature
         return True
 
-    def get(self, key) -> torch.Tensor | None:
-        embeds = self.entries.get(key)
-        if embeds is not None:
+    def get(self, key) -> tuple | None:
+        entry = self.entries.get(key)
+        if entry is not None:
             self.entries.move_to_end(key)
-        return embeds
+        return entry
 
-    def put(self, key, embeds: torch.Tensor):
-        self.entries[key] = embeds
+    def put(self, key, entry: tuple):
+        self.entries[key] = entry
         while len(self.entries) > self.max_size:
             self.entries.popitem(last=False)
-
-
-def _step_parameters(scheduler) -> set:
-    return set(inspect.signature(scheduler.step).parameters)
 
 
 __all__ = ["VisCPMPaintPipeline", "VisCPMPaintPipelineOutput"]

@@ -13,15 +13,26 @@ User text is always text: the question and the history are escaped (`<` becomes 
 or `<unk>` typed by a user stays literal. (The original inserts them raw: `a<b` raises, `<unk>` becomes an extra
 image-like slot, `<ans>`/`<s>` become control tokens.) For text without `<` the encoding is the original's.
 
+Decoding is stateless: [`~VisCPMChatProcessor.post_process_image_text_to_text`] reads everything from the ids it is
+given (see there for the one thing ids cannot carry: the spelling of out-of-vocabulary pieces).
+
 Only torch, transformers and the standard library (plus sibling files) are imported: it ships as remote code.
 """
 
-from collections import OrderedDict
+import base64
+import binascii
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import (
+    ImagesKwargs,
+    MultiModalData,
+    ProcessingKwargs,
+    ProcessorMixin,
+    TextKwargs,
+)
 
 from .image_processing_viscpm import VisCPMImageProcessor
 from .tokenization_cpmbee import CpmBeeTokenizer
@@ -29,6 +40,10 @@ from .tokenization_cpmbee import CpmBeeTokenizer
 
 _IMAGE_SEGMENT = 2  # "<root>" is segment 0, the "image" key 1, its leaf 2 (the image leaf always comes first)
 _IMAGE_PART_KEYS = ("image", "url", "path", "base64")
+_UNSPELLABLE = "\ufffd"  # what an out-of-vocabulary piece decodes to when no table spells it (see decoding)
+# Every keyword `__call__` understands: transformers' processing kwargs, flat or grouped by modality.
+_CALL_KWARGS = (set(ProcessingKwargs.__annotations__) | set(TextKwargs.__annotations__)
+                | set(ImagesKwargs.__annotations__) | {"common_kwargs"})
 
 
 def _is_message(value: Any) -> bool:
@@ -39,33 +54,52 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_message(m) for m in value)
 
 
+def _image_from_part(part: dict) -> Any:
+    """The image of a chat content part: a PIL image, array, tensor, path or URL as given; base64 as bytes."""
+    key = next((key for key in _IMAGE_PART_KEYS if part.get(key) is not None), None)
+    if key != "base64":
+        return None if key is None else part[key]
+    data = part["base64"]
+    if isinstance(data, str) and data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError("an image part's 'base64' is not valid base64 data") from None
+
+
 class VisCPMChatProcessor(ProcessorMixin):
     r"""
     VisCPM-Chat processor: [`VisCPMImageProcessor`] + [`CpmBeeTokenizer`].
 
-    `processor(images=image, text=question, context=history)` returns a [`BatchFeature`] with the tokenizer's tensors
+    `processor(images=image, text=question, context=history)` returns a [`BatchFeature`] with the tokenizer's keys
     (`input_ids`, `attention_mask`, `segment_ids`, `context_mask`, `segment_rel`, `ext_table_ids`, `ext_table_sub`,
     `ext_table_mask`, `unk_allowed`), `pixel_values` [B, 3, 224, 224] and `image_bound` [B, 2] (start, end) of the
-    image slots in each (padded) row. `text` may also be a chat (list of messages) or a prompt dict from
-    [`apply_chat_template`].
+    image slots in each (padded) row, one row per item. `text` may also be a chat (list of messages) or a prompt dict
+    from [`apply_chat_template`]. Defaults (overridable per call, as transformers' processing kwargs): prompts of a
+    batch are padded on the tokenizer's side (left) and come back as torch tensors.
 
     Args:
         image_processor ([`VisCPMImageProcessor`]), tokenizer ([`CpmBeeTokenizer`]).
         query_num (`int`, defaults to 64): number of image slots (the model's query tokens).
-        max_length (`int`, defaults to 3000): prompt limit, the original's `max_inp_length` (`None`: no limit).
+        max_prompt_length (`int`, defaults to 3000): prompt limit, the original's `max_inp_length` (`None`: no
+            limit). A longer prompt is an error naming its length: the original would cut its end, answer slot
+            included, and fail.
         chat_template: unused (chats are laid out in code, see [`apply_chat_template`]); kept for the API.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, query_num: int = 64, max_length: int | None = 3000,
-                 chat_template=None, **kwargs):
+    # transformers' processor-level defaults of the processing kwargs (see `ProcessorMixin._merge_kwargs`).
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+
+    def __init__(self, image_processor=None, tokenizer=None, query_num: int = 64,
+                 max_prompt_length: int | None = 3000, chat_template=None, **kwargs):
         if image_processor is None or tokenizer is None:
             raise ValueError("VisCPMChatProcessor needs an image_processor and a tokenizer")
         if int(query_num) < 1:
             raise ValueError(f"query_num must be positive, got {query_num}")
         self.query_num = int(query_num)
-        self.max_length = None if max_length is None else int(max_length)
-        # Decode tables of recent prompts (see `post_process_image_text_to_text`).
-        self._recent_tables: OrderedDict = OrderedDict()
+        self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
@@ -80,6 +114,13 @@ class VisCPMChatProcessor(ProcessorMixin):
             VisCPMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
             CpmBeeTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
         ]
+
+    @classmethod
+    def get_processor_dict(cls, *args, **kwargs):
+        processor_dict, kwargs = super().get_processor_dict(*args, **kwargs)
+        if "max_length" in processor_dict:  # folders saved before the limit was renamed max_prompt_length
+            processor_dict.setdefault("max_prompt_length", processor_dict.pop("max_length"))
+        return processor_dict, kwargs
 
     # ------------------------------------------------------------------ prompts
 
@@ -109,7 +150,7 @@ class VisCPMChatProcessor(ProcessorMixin):
                     raise ValueError(f"{where}: a text part needs a str 'text'")
                 texts.append(part["text"])
             elif kind == "image":
-                images.append(next((part[key] for key in _IMAGE_PART_KEYS if part.get(key) is not None), None))
+                images.append(_image_from_part(part))
             else:
                 raise ValueError(f"{where}: unsupported content part {part!r} (VisCPM-Chat takes 'text' and "
                                  "'image' parts)")
@@ -142,25 +183,33 @@ class VisCPMChatProcessor(ProcessorMixin):
         context = "".join(f"User: {q}\nAI: {a}\n" for q, a in zip(turns[:-1:2], turns[1::2]))
         return turns[-1], context, (images[0] if images else None)
 
-    def apply_chat_template(self, conversation, chat_template=None, tokenize: bool = False, return_dict: bool = False,
-                            return_tensors: str | None = "pt", add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, processor_kwargs: dict | None = None, **kwargs):
+    def apply_chat_template(self, conversation, chat_template=None, tools=None, documents=None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            return_assistant_tokens_mask: bool = False, tokenize: bool = False,
+                            return_tensors: str | None = "auto", return_dict: bool = False,
+                            processor_kwargs: dict | None = None, **kwargs):
         """
-        Lay out a chat (or a list of chats) as VisCPM-Chat prompts.
+        Lay out a chat (or a list of chats) as VisCPM-Chat prompts, the prompts `chat()` builds.
 
         Messages use the standard form `{"role": "user" | "assistant", "content": str | [{"type": "image", ...},
         {"type": "text", "text": ...}]}`; image parts may hold the image under `"image"`, `"url"`, `"path"` or
         `"base64"`. The last user message is the question, earlier turns the history (see
-        [`conversation_to_prompt`]). There is no Jinja template: the layout is fixed by the original.
+        [`conversation_to_prompt`]). There is no Jinja template: the layout is fixed by the original, and the prompt
+        always ends by opening the answer (whatever `add_generation_prompt` says).
 
         With `tokenize=False` returns the prompt dict (a list for a list of chats), which `__call__` accepts as
-        `text`. With `tokenize=True` returns the encoded [`BatchFeature`] (`return_dict=True`) or its `input_ids`.
-        `continue_final_message` (an assistant prefill) is not supported; `add_generation_prompt` is implied.
+        `text`. With `tokenize=True` returns the processor's [`BatchFeature`] (`return_dict=True`) or its `input_ids`;
+        `processor_kwargs` and further keyword arguments go to `__call__` (`return_tensors="auto"`: its default).
+        `continue_final_message` (an assistant prefill), `tools`, `documents` and assistant masks are not supported.
         """
-        if chat_template is not None:
-            raise ValueError("VisCPM-Chat lays out chats in code and takes no chat_template")
-        if continue_final_message:
-            raise ValueError("VisCPM-Chat cannot continue an assistant message (no assistant prefill)")
+        unsupported = {"chat_template": chat_template, "tools": tools, "documents": documents,
+                       "continue_final_message": continue_final_message,
+                       "return_assistant_tokens_mask": return_assistant_tokens_mask}
+        for name, value in unsupported.items():
+            if value:
+                reason = ("cannot continue an assistant message (no assistant prefill)"
+                          if name == "continue_final_message" else "lays out chats in code and has no use for it")
+                raise ValueError(f"VisCPM-Chat {reason}: drop {name}")
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and all(
             _is_conversation(c) for c in conversation)
         conversations = list(conversation) if batched else [conversation]
@@ -171,17 +220,16 @@ class VisCPMChatProcessor(ProcessorMixin):
                 prompts.append(self.build_prompt(question, context))
             return prompts if batched else prompts[0]
         call_kwargs = {**(processor_kwargs or {}), **kwargs}
-        for key in ("tokenize", "return_dict", "add_generation_prompt", "sanitize_control_tokens"):
-            call_kwargs.pop(key, None)
-        out = self(text=conversations if batched else conversations[0], return_tensors=return_tensors, **call_kwargs)
+        call_kwargs.pop("sanitize_control_tokens", None)  # chats are always escaped here
+        if return_tensors != "auto":
+            call_kwargs["return_tensors"] = return_tensors
+        out = self(text=conversations if batched else conversations[0], **call_kwargs)
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ __call__
 
     def _items(self, text, context) -> tuple[list[dict], list, bool]:
         """Prompt dicts, per-item images found in chats, and whether the input was a batch."""
-        if text is None:
-            raise ValueError("text is required: a question, a list of questions, a chat or a list of chats")
         if isinstance(text, str) or isinstance(text, dict) or _is_conversation(text):
             texts, batched = [text], False
         elif isinstance(text, (list, tuple)) and len(text) > 0:
@@ -224,22 +272,33 @@ class VisCPMChatProcessor(ProcessorMixin):
                 raise ValueError(f"{where}expected a question str, a chat or a prompt dict, got {type(item).__name__}")
         return prompts, chat_images, batched
 
+    @staticmethod
+    def _one_image(value, where: str):
+        """An item's image: the image itself, or a per-sample list holding at most one (`[]`: none)."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        if len(value) > 1:
+            raise ValueError(f"{where}got {len(value)} images: VisCPM-Chat takes one image per item")
+        return value[0] if value else None
+
     def _images_per_item(self, images, chat_images: list, batched: bool) -> list | None:
         n = len(chat_images)
         if images is None:
             given = [None] * n
         elif not batched:
-            if isinstance(images, (list, tuple)):
-                if len(images) != 1:
-                    raise ValueError(f"got {len(images)} images for one question: VisCPM-Chat takes one image")
-                images = images[0]
-            given = [images]
+            image = images
+            if isinstance(image, (list, tuple)):
+                if len(image) > 1:
+                    raise ValueError(f"got {len(image)} images for one question: VisCPM-Chat takes one image")
+                image = self._one_image(image[0], "") if image else None  # [img] or [[img]]
+            given = [image]
         else:
             if not isinstance(images, (list, tuple)) and not (hasattr(images, "ndim") and images.ndim == 4):
                 raise ValueError(f"got one image for {n} questions: pass a list with one image per question")
             given = list(images)
             if len(given) != n:
                 raise ValueError(f"got {len(given)} images for {n} questions: pass one image per question")
+            given = [self._one_image(image, f"item {i}: ") for i, image in enumerate(given)]
         merged = []
         for i, (explicit, from_chat) in enumerate(zip(given, chat_images)):
             if explicit is not None and from_chat is not None:
@@ -253,148 +312,147 @@ class VisCPMChatProcessor(ProcessorMixin):
                              "none (then pass the model `vision_hidden_states`)")
         return merged
 
-    def __call__(
-        self,
-        images: Any = None,
-        text: Any = None,
-        context: str | list[str] | None = None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        images_kwargs: dict | None = None,
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images: Any | None = None, text: Any | None = None, context: str | list[str] | None = None,
+                 **kwargs) -> BatchFeature:
         """
         Encode (image, question[, context]) items for VisCPM-Chat.
 
         Args:
-            images: one image (any input [`VisCPMImageProcessor`] takes) per item; `None` encodes the text only
-                (reuse image features through the model's `vision_hidden_states`). Images inside chat messages are
-                used too.
+            images: one image (any input [`VisCPMImageProcessor`] takes) per item, or per-item lists holding one
+                (`[[img], [img]]`); `None` encodes the text only (reuse image features through the model's
+                `vision_hidden_states`). Images inside chat messages are used too. Without `text`, only
+                `pixel_values` are returned.
             text: a question (`str`, the empty question is allowed as in the original), a chat (list of messages, see
-                [`apply_chat_template`]), a prompt dict, or a list of these (a batch, padded).
+                [`apply_chat_template`]), a prompt dict, or a list of these (a batch).
             context: the raw history of each question (`"User: q\\nAI: a\\n"` per turn, as `chat()` returns it);
                 `None` or `""` for a first turn.
-            return_tensors (`"pt"`, `"np"` or `None`).
-            padding, padding_side, pad_to_multiple_of: as [`CpmBeeTokenizer`] (left padding by default).
-            max_length: prompt limit in tokens; `None` uses `self.max_length` (3000, the original's; set it to `None`
-                for no limit). A longer prompt is an error naming its length: the original would cut its end, answer
-                slot included, and fail.
-            images_kwargs: extra arguments of the image processor.
+            kwargs: transformers' processing kwargs, flat (`padding=...`, `do_rescale=...`) or grouped
+                (`text_kwargs={...}`, `images_kwargs={...}`, `common_kwargs={...}`): text ones go to
+                [`CpmBeeTokenizer`] (`padding`, `padding_side`, `max_length`, `pad_to_multiple_of`, `truncation`,
+                ...), image ones to [`VisCPMImageProcessor`]; `return_tensors` (`"pt"` by default, `"np"`, `None`
+                for lists); `return_mm_token_type_ids=True` adds `mm_token_type_ids` (1 on the image slots).
 
         Returns:
-            [`BatchFeature`] with the tokenizer's keys, `pixel_values` (when there are images) and `image_bound`.
+            [`BatchFeature`] with the tokenizer's keys, `image_bound`, and `pixel_values` when there are images.
         """
-        for key in ("add_special_tokens", "truncation", "return_attention_mask", "verbose", "videos", "audio"):
-            value = kwargs.pop(key, None)
-            if key in ("videos", "audio") and value is not None:
+        for key in ("videos", "audio"):
+            if kwargs.pop(key, None) is not None:
                 raise ValueError(f"VisCPM-Chat does not take {key}")
-        if kwargs:
-            raise TypeError(f"VisCPMChatProcessor got unsupported arguments: {sorted(kwargs)}")
-        if return_tensors not in ("pt", "np", None):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        limit = self.max_length if max_length is None else int(max_length)
+        unknown = sorted(set(kwargs) - _CALL_KWARGS - set(self.image_processor.valid_kwargs.__annotations__))
+        if unknown:
+            raise TypeError(f"VisCPMChatProcessor got unsupported arguments: {unknown}")
+        if kwargs.get("return_text_replacement_offsets"):
+            raise ValueError("return_text_replacement_offsets: VisCPM-Chat replaces no placeholder text")
+        merged = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        text_kwargs.pop("return_mm_token_type_ids", None)
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        if text is None:
+            if images is None:
+                raise ValueError("nothing to process: pass text (a question, a chat or a prompt dict) and/or images")
+            return self.image_processor(images, **images_kwargs)
 
         prompts, chat_images, batched = self._items(text, context)
         images = self._images_per_item(images, chat_images, batched)
-
-        encoding = self.tokenizer(prompts, return_tensors="pt", padding=padding, padding_side=padding_side,
-                                  pad_to_multiple_of=pad_to_multiple_of)
-        lengths = encoding["attention_mask"].sum(-1)
-        if limit is not None:
-            for i, length in enumerate(lengths.tolist()):
-                # The original lays out the whole dict, answer placeholder `<ans_1>` last, and cuts it at
-                # max_inp_length: it keeps an answer slot only if that placeholder survives the cut.
-                if length + 1 > limit:
-                    where = f"item {i}: " if batched else ""
-                    raise ValueError(f"{where}the prompt is {length + 1} tokens, over max_length={limit} (the "
-                                     "original's max_inp_length): shorten the context, e.g. drop the oldest turns")
+        encoding = self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
+        rows = {key: encoding[key].tolist() if hasattr(encoding[key], "tolist") else encoding[key]
+                for key in ("input_ids", "segment_ids")}
+        masks = encoding.get("attention_mask", [[1] * len(ids) for ids in rows["input_ids"]])
+        masks = masks.tolist() if hasattr(masks, "tolist") else masks
+        self._check_prompt_lengths([sum(mask) for mask in masks], batched)
+        bounds = self._image_bound(rows["segment_ids"], masks)
         data = dict(encoding)
-        data["image_bound"] = self._image_bound(encoding)
-        self._remember(prompts, encoding, data["image_bound"])
-
+        data["image_bound"] = self._as(bounds, return_tensors)
+        if merged.get("return_mm_token_type_ids"):
+            types = [[int(start <= p < end) for p in range(len(ids))] for ids, (start, end) in
+                     zip(rows["input_ids"], bounds)]
+            data["mm_token_type_ids"] = self._as(types, return_tensors)
         if images is not None:
-            pixels = self.image_processor(images, return_tensors="pt", **(images_kwargs or {}))
-            data["pixel_values"] = pixels["pixel_values"]
-        if return_tensors == "np":
-            data = {key: value.numpy() for key, value in data.items()}
-        elif return_tensors is None:
-            data = {key: value.tolist() for key, value in data.items()}
+            images_kwargs["return_tensors"] = return_tensors
+            data["pixel_values"] = self.image_processor(images, **images_kwargs)["pixel_values"]
         return BatchFeature(data=data)
 
-    def _image_bound(self, encoding) -> torch.Tensor:
+    @staticmethod
+    def _as(values: list, return_tensors):
+        """Integer rows as `return_tensors` asks (lists for `None`)."""
+        if return_tensors == "pt":
+            return torch.tensor(values, dtype=torch.long)
+        if return_tensors == "np":
+            return np.array(values, dtype=np.int64)
+        return values
+
+    def _check_prompt_lengths(self, lengths: list[int], batched: bool) -> None:
+        """The original lays out the whole dict, answer placeholder `<ans_1>` last, and cuts it at max_inp_length:
+        it keeps an answer slot only if that placeholder survives the cut. A longer prompt is refused here."""
+        limit = self.max_prompt_length
+        if limit is None:
+            return
+        for i, length in enumerate(lengths):
+            if length + 1 > limit:
+                where = f"item {i}: " if batched else ""
+                raise ValueError(f"{where}the prompt is {length + 1} tokens, over max_prompt_length={limit} (the "
+                                 "original's max_inp_length): shorten the context, e.g. drop the oldest turns")
+
+    def _image_bound(self, segment_ids: list[list[int]], masks: list[list[int]]) -> list[tuple[int, int]]:
         """(start, end) of the `<unk>` slots of the image leaf in each row: its tokens minus `<s>` and `</s>`."""
-        in_image = (encoding["segment_ids"] == _IMAGE_SEGMENT) & encoding["attention_mask"].bool()
         bounds = []
-        for row, mask in enumerate(in_image):
-            positions = mask.nonzero().flatten()
-            start, end = int(positions[0]) + 1, int(positions[-1])
+        for row, (segments, mask) in enumerate(zip(segment_ids, masks)):
+            positions = [p for p, (segment, real) in enumerate(zip(segments, mask)) if segment == _IMAGE_SEGMENT and real]
+            start, end = positions[0] + 1, positions[-1]
             if end - start != self.query_num or len(positions) != self.query_num + 2:
                 raise ValueError(f"row {row}: the image leaf has {len(positions) - 2} slots, expected {self.query_num}")
             bounds.append((start, end))
-        return torch.tensor(bounds, dtype=torch.long)
+        return bounds
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image (for serving stacks such as vLLM): `query_num` slots whatever the size."""
+        sizes = list(image_sizes or [])
+        return MultiModalData(num_image_tokens=[self.query_num] * len(sizes), num_image_patches=[1] * len(sizes))
 
     # ------------------------------------------------------------------ decoding
 
-    _MAX_REMEMBERED = 64
-
-    def _remember(self, prompts: list[dict], encoding, image_bound: torch.Tensor) -> None:
-        """Keep the decode table and image slots of these prompts, keyed by their unpadded ids, for decoding later."""
-        tables = self.tokenizer.get_ext_tables(prompts)
-        for ids, mask, table, (start, end) in zip(encoding["input_ids"], encoding["attention_mask"], tables,
-                                                  image_bound.tolist()):
-            mask = mask.bool()
-            key = tuple(ids[mask].tolist())
-            offset = int(mask.nonzero()[0]) if mask.any() else 0
-            self._recent_tables.pop(key, None)
-            self._recent_tables[key] = (table, start - offset, end - offset)
-            while len(self._recent_tables) > self._MAX_REMEMBERED:
-                self._recent_tables.popitem(last=False)
-
-    def _table_for(self, ids: list[int]) -> tuple[dict, int, int, int]:
-        """Decode table, image slots and length of the most recent remembered prompt that `ids` starts with."""
-        for key in reversed(self._recent_tables):
-            if len(key) <= len(ids) and tuple(ids[: len(key)]) == key:
-                table, start, end = self._recent_tables[key]
-                return table, start, end, len(key)
-        return {}, 0, 0, 0
+    def _without_image_slots(self, row: list[int]) -> list[int]:
+        """`row` without the image leaf's `<unk>` slots, found by the prompt's structure (`<s>`, `query_num` times
+        `<unk>`, `</s>`); rows without them (generated ids alone) are returned as they are."""
+        tok, n = self.tokenizer, self.query_num
+        bos, eos, unk = tok.bos_token_id, tok.eos_token_id, tok.unk_token_id
+        for at in range(len(row) - n - 1):
+            if row[at] == bos and row[at + n + 1] == eos and all(index == unk for index in row[at + 1:at + n + 1]):
+                return row[:at + 1] + row[at + n + 1:]
+        return row
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True,
                                         ext_tables: list[dict] | None = None, **kwargs) -> list[str]:
         """
-        Decode rows of ids (prompts, or prompts followed by generated ids) to CPM-Bee text, as the original decodes.
+        Decode rows of ids (prompts, or prompts followed by generated ids, as `generate` returns them) to CPM-Bee text,
+        as the original decodes them. Used by `pipeline("image-text-to-text")` on both the prompt and the output,
+        whose difference is the answer.
 
-        Ids of the batch ext table (>= vocab size: out-of-vocabulary pieces the model copies) are decoded through the
-        table of the row's prompt: `ext_tables[i]` if given (see [`CpmBeeTokenizer.get_ext_tables`]), otherwise the
-        table of the most recent prompt encoded by this processor that the row starts with; ids no table explains
-        are dropped. Left padding is removed. Used by `pipeline("image-text-to-text")` on both the prompt and the
-        output, whose difference is the answer.
+        Stateless: each row is decoded from its own ids. Left padding is removed, and so are the image slots of a
+        prompt (found by its structure). Ids cannot spell what is *outside* the vocabulary: a piece of the prompt that
+        the vocabulary lacks is `<unk>` or an ext id (>= `tokenizer.ext_offset`), and the model may copy it into the
+        answer. Such ids decode to U+FFFD unless `ext_tables[i]` (from `tokenizer.get_ext_tables(prompt_dicts)`, the
+        table `VisCPMChat.chat()` uses) spells them for row `i`. `generated_outputs` may also be a `generate` output
+        with `.sequences`.
         """
         kwargs.pop("clean_up_tokenization_spaces", None)
-        if hasattr(generated_outputs, "tolist"):
-            generated_outputs = generated_outputs.tolist()
-        rows = [generated_outputs] if generated_outputs and isinstance(generated_outputs[0], int) else generated_outputs
+        sequences = getattr(generated_outputs, "sequences", generated_outputs)
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        rows = [sequences] if sequences and isinstance(sequences[0], int) else list(sequences)
         if ext_tables is not None and len(ext_tables) != len(rows):
             raise ValueError(f"got {len(ext_tables)} ext tables for {len(rows)} rows")
-        pad, vocab_size = self.tokenizer.pad_token_id, self.tokenizer.vocab_size
+        tok = self.tokenizer
         texts = []
         for i, row in enumerate(rows):
             row = [int(index) for index in row]
             start = 0
-            while start < len(row) and row[start] == pad:
+            while start < len(row) and row[start] == tok.pad_token_id:
                 start += 1
-            row = row[start:]
-            if ext_tables is not None:
-                table, start, end = ext_tables[i] or {}, 0, 0
-            else:
-                # The image slots of a known prompt are left out: they are `<unk>`, which the original's table maps
-                # to the first unknown piece of the text (right for generated ids, wrong over the image).
-                table, start, end, _ = self._table_for(row)
-            row = row[:start] + row[end:]
-            row = [index for index in row if index < vocab_size or index in table]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens, ext_table=table, **kwargs))
+            row = self._without_image_slots(row[start:])
+            table = {index: _UNSPELLABLE for index in row if index >= tok.ext_offset or index == tok.unk_token_id}
+            table.update((ext_tables[i] or {}) if ext_tables is not None else {})
+            texts.append(tok.decode(row, skip_special_tokens=skip_special_tokens, ext_table=table, **kwargs))
         return texts
 
 

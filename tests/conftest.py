@@ -98,6 +98,9 @@ def write_sd_base(folder, unet, vae):
     return folder
 
 
+from paint_testing import paint, paint_extras  # noqa: E402,F401  (the tiny Paint shared by three test layers)
+
+
 # -- transformers' common test mixins (tests/conformance) ------------------------------------------------------------
 
 UPSTREAM_MARKERS = (

@@ -123,7 +123,8 @@ def test_batch_is_the_tokenizer_training_layout(setup):
     processor, batch = setup["processor"], setup["batch"]
     turns = A.conversation_turns(CONVERSATION) + A.conversation_turns(_rows()[1]["conversations"])
     prompts = [A.chat_training_prompt(q, a, c, processor.query_num) for c, q, a in turns]
-    expected = processor.tokenizer(prompts, return_labels=True, padding_side="right")
+    expected = processor.tokenizer(prompts, return_labels=True, padding_side="right", padding=True,
+                                   return_tensors="pt")
     assert expected["ext_table_ids"].shape[1] >= 2  # the OOV pieces of different examples share one table
     for key in ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
                 "ext_table_sub", "labels"):
@@ -407,6 +408,22 @@ def test_paint_adapter_loss_matches_original_and_goes_down(vocab_file, tmp_path)
     for part in ("text_encoder", "unet"):
         assert (tmp_path / "adapter" / part / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "checkpoints" / "checkpoint-4" / "unet" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "adapter" / "checkpoints" / "checkpoint-4"
+    saved = load_file(checkpoint / "model.safetensors")  # what the Trainer resumes from: the adapters, no base weight
+    assert saved and set(saved) == {n for n, _ in model.named_parameters() if "lora_" in n}
+
+    # Resuming from checkpoint-4 gives the adapters of the uninterrupted 8-step run.
+    resumed = A.add_paint_adapter(VisCPMPaintPipeline.from_pretrained(tmp_path / "hf"), r=4, lora_alpha=8,
+                                  train_unet_cross_attention=True)
+    A.train_paint_adapter(resumed, train, tmp_path / "resumed", data_collator=collator, max_steps=8,
+                          learning_rate=3e-2, per_device_train_batch_size=2, use_cpu=True, save_steps=4,
+                          disable_tqdm=True, seed=0, lr_scheduler_type="constant", resume_from_checkpoint=str(checkpoint))
+    resumed_state = dict(resumed.named_parameters())
+    for name, value in model.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(resumed_state[name], value, atol=1e-6), name
 
     paint = VisCPMPaint.from_pretrained(tmp_path / "hf", image_safety_checker=False, prompt_safety_checker=False,
                                         add_ranker=False, device="cpu", adapter=tmp_path / "adapter")
@@ -433,10 +450,11 @@ def test_chat_script(chat, tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(_png(5))
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"image": "a.png", "conversations": _rows()[1]["conversations"]}) + "\n")
-    common = ["--model", str(folder), "--language", LANGUAGE, "--cpu", "--max-steps", "1", "--batch-size", "1"]
+    common = ["--model", str(folder), "--language", LANGUAGE, "--use-cpu", "--max-steps", "1",
+              "--per-device-train-batch-size", "1"]
     out = tmp_path / "out"
     assert script.main([*common, "--data", str(data), "--image-folder", str(tmp_path), "--output-dir", str(out),
-                        "--r", "2", "--train-mapping"]) == 0
+                        "--lora-r", "2", "--train-mapping"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert script.main([*common, "--data", str(data), "--output-dir", str(out), "--text-only", "--train-query"]) == 2
     assert script.main([*common, "--data", str(data), "--output-dir", str(tmp_path / "bad")]) == 1  # no image found

@@ -7,13 +7,13 @@ import tempfile
 import unittest
 
 from cpmbee_inputs import left_padded, tiny_tokenizer
-from upstream import UpstreamTables, import_upstream
+from skipping import skipped_tests
+from upstream import UpstreamTables  # first: puts the upstream test folders on sys.path
+from tests.generation.test_utils import GenerationTesterMixin
+from tests.test_configuration_common import ConfigTester
+from tests.test_modeling_common import ModelTesterMixin, floats_tensor
 
 from viscpm import VisCPMChatConfig, VisCPMChatForConditionalGeneration
-
-common = import_upstream("tests.test_modeling_common")
-generation = import_upstream("tests.generation.test_utils")
-configuration = import_upstream("tests.test_configuration_common")
 
 TABLES = dict(
     MODEL_MAPPING_NAMES="VisCPMChatForConditionalGeneration",
@@ -27,6 +27,13 @@ PROMPTS = [
 ]
 IMAGE_WITH_EMBEDS = ("an image together with inputs_embeds is refused on purpose (clear error): the image goes into "
                      "the slots of the prompt's input_ids")
+SKIPS = {
+    "test_model_base_model_prefix": "Chat has no separate base model: vision encoder, queries, mapping and CPM-Bee "
+                                    "are its parts",
+    **{name: IMAGE_WITH_EMBEDS for name in ("test_inputs_embeds", "test_inputs_embeds_matches_input_ids",
+                                            "test_generate_from_inputs_embeds_0_greedy",
+                                            "test_generate_from_inputs_embeds_1_beam_search")},
+}
 
 
 class VisCPMChatModelTester:
@@ -58,19 +65,18 @@ class VisCPMChatModelTester:
     def prepare_config_and_inputs_for_common(self):
         inputs = {key: value.clone() for key, value in self.encoded.items()
                   if key not in ("ext_table_mask", "unk_allowed")}
-        inputs["pixel_values"] = common.floats_tensor([self.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE])
+        inputs["pixel_values"] = floats_tensor([self.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE])
         return self.get_config(), inputs
 
 
-class VisCPMChatConformanceTest(UpstreamTables, common.ModelTesterMixin, generation.GenerationTesterMixin,
-                                unittest.TestCase):
+class VisCPMChatConformanceTest(UpstreamTables, ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
     all_model_classes = (VisCPMChatForConditionalGeneration,)
     model_type, model_tables = "viscpm_chat", TABLES
     _is_composite = True
 
     def setUp(self):
         self.model_tester = VisCPMChatModelTester(self)
-        self.config_tester = configuration.ConfigTester(self, config_class=VisCPMChatConfig, has_text_modality=False)
+        self.config_tester = ConfigTester(self, config_class=VisCPMChatConfig, has_text_modality=False)
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -81,22 +87,4 @@ class VisCPMChatConformanceTest(UpstreamTables, common.ModelTesterMixin, generat
         _, inputs = self.prepare_config_and_inputs_for_generate()
         super().test_left_padding_compatibility(padded_custom_inputs=left_padded(inputs))
 
-    @unittest.skip(reason="Chat has no separate base model: vision encoder, queries, mapping and CPM-Bee are its parts")
-    def test_model_base_model_prefix(self):
-        pass
-
-    @unittest.skip(reason=IMAGE_WITH_EMBEDS)
-    def test_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason=IMAGE_WITH_EMBEDS)
-    def test_inputs_embeds_matches_input_ids(self):
-        pass
-
-    @unittest.skip(reason=IMAGE_WITH_EMBEDS)
-    def test_generate_from_inputs_embeds_0_greedy(self):
-        pass
-
-    @unittest.skip(reason=IMAGE_WITH_EMBEDS)
-    def test_generate_from_inputs_embeds_1_beam_search(self):
-        pass
+    locals().update(skipped_tests(SKIPS))

@@ -7,13 +7,12 @@ import unittest
 
 import torch
 from cpmbee_inputs import TINY_VOCAB_LINES, left_padded, tiny_tokenizer
-from upstream import UpstreamTables, import_upstream
+from upstream import UpstreamTables  # first: puts the upstream test folders on sys.path
+from tests.generation.test_utils import GenerationTesterMixin
+from tests.test_configuration_common import ConfigTester
+from tests.test_modeling_common import ModelTesterMixin, ids_tensor
 
 from viscpm import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeModel
-
-common = import_upstream("tests.test_modeling_common")
-generation = import_upstream("tests.generation.test_utils")
-configuration = import_upstream("tests.test_configuration_common")
 
 TABLES = dict(MODEL_MAPPING_NAMES="CpmBeeModel", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES="CpmBeeForCausalLM")
 # Structured prompts: several segments (nested keys), context and predicted tokens, an out-of-vocabulary piece
@@ -63,20 +62,20 @@ class CpmBeeModelTester:
             inputs = {key: value.clone() for key, value in self.encoded.items()
                       if key not in ("ext_table_mask", "unk_allowed")}
         else:
-            input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+            input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
             attention_mask = torch.ones_like(input_ids)
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         return config, inputs
 
 
-class _CpmBeeConformance(UpstreamTables, common.ModelTesterMixin, generation.GenerationTesterMixin):
+class _CpmBeeConformance(UpstreamTables, ModelTesterMixin, GenerationTesterMixin):
     all_model_classes = (CpmBeeModel, CpmBeeForCausalLM)
     model_type, model_tables = "cpmbee", TABLES
     structured = True
 
     def setUp(self):
         self.model_tester = CpmBeeModelTester(self, structured=self.structured)
-        self.config_tester = configuration.ConfigTester(self, config_class=CpmBeeConfig, hidden_size=32)
+        self.config_tester = ConfigTester(self, config_class=CpmBeeConfig, hidden_size=32)
 
     def test_config(self):
         self.config_tester.run_common_tests()

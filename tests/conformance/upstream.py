@@ -1,17 +1,10 @@
-"""Locate and import the ecosystem's own common tests (transformers' and diffusers' test mixins), which the
-conformance tests run against our classes. They are not copied into this repository: they live in a folder beside
-it (see its README for provenance), found through, in order,
+"""Where the ecosystem's own common tests are: transformers' and diffusers' test mixins, run from outside the repo.
 
-1. the environment variable ``VISCPM_HF_UPSTREAM_TESTS``,
-2. ``<repository>/../shared/hf-upstream-tests``,
-3. ``/work/shared/hf-upstream-tests``.
-
-Without that folder the conformance tests fail (they never skip) with a message that lists where they looked.
-
-transformers' files import each other as the package ``tests`` (``tests.generation.test_utils``, ...); this
-repository's own test folder is also called ``tests`` but is not a package, so the upstream folder is put first on
-``sys.path`` and any other ``tests`` module already imported is dropped first. diffusers' files are a package of
-their own (``hf_diffusers_tests``, relative imports only).
+The folder (see its README) is looked up in this order: the environment variable ``VISCPM_HF_UPSTREAM_TESTS``,
+``<repo>/../shared/hf-upstream-tests``, ``/work/shared/hf-upstream-tests``. Importing this module puts its
+``transformers/`` folder first on ``sys.path`` (upstream's ``tests`` package, e.g. ``tests.test_tokenization_common``)
+and the folder itself on ``sys.path`` (``hf_diffusers_tests``). ``UPSTREAM`` is the folder. If none of the places
+holds it, importing fails with an error naming them: conformance tests never skip silently.
 """
 
 import contextlib
@@ -21,55 +14,64 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-ENVIRONMENT_VARIABLE = "VISCPM_HF_UPSTREAM_TESTS"
-REPOSITORY = Path(__file__).resolve().parents[2]
+
+_REPO = Path(__file__).resolve().parents[2]
 SHARED_LOCATION = Path("/work/shared/hf-upstream-tests")
-_MARKER = Path("transformers") / "tests" / "test_modeling_common.py"
 
 
-class UpstreamTestsNotFound(RuntimeError):
-    """The folder with the upstream test mixins is not where the conformance tests look for it."""
+def _candidates() -> list[Path]:
+    places = []
+    if os.environ.get("VISCPM_HF_UPSTREAM_TESTS"):
+        places.append(Path(os.environ["VISCPM_HF_UPSTREAM_TESTS"]).expanduser())
+    places += [_REPO.parent / "shared" / "hf-upstream-tests", SHARED_LOCATION]
+    return places
 
 
-def candidates() -> list[Path]:
-    """Where the upstream tests are looked for, in order."""
-    found = []
-    if os.environ.get(ENVIRONMENT_VARIABLE):
-        found.append(Path(os.environ[ENVIRONMENT_VARIABLE]))
-    found += [REPOSITORY.parent / "shared" / "hf-upstream-tests", SHARED_LOCATION]
-    return found
-
-
-def upstream_root() -> Path:
-    """The upstream test folder; `UpstreamTestsNotFound` (naming every place looked in) when there is none."""
-    places = candidates()
+def _locate() -> Path:
+    places = _candidates()
+    if os.environ.get("VISCPM_HF_UPSTREAM_TESTS"):
+        places = places[:1]  # asked for explicitly: that folder or an error, never another one
     for place in places:
-        if (place / _MARKER).is_file():
-            return place
-    looked = "\n".join(f"  - {place}" for place in places)
-    raise UpstreamTestsNotFound(
-        f"the upstream transformers/diffusers test mixins were not found; looked for {_MARKER} under:\n{looked}\n"
-        f"Set {ENVIRONMENT_VARIABLE} to the folder that holds transformers/ and hf_diffusers_tests/."
+        if (place / "transformers" / "tests").is_dir():
+            return place.resolve()
+    raise RuntimeError(
+        "the upstream common tests (transformers/diffusers test mixins) were not found; looked in: "
+        + ", ".join(str(place) for place in places)
+        + ". Set VISCPM_HF_UPSTREAM_TESTS to the folder that holds transformers/tests and hf_diffusers_tests."
     )
 
 
-def import_upstream(module: str):
-    """Import ``module`` from the upstream folder: ``tests.*`` names are transformers' test package,
-    ``hf_diffusers_tests.*`` diffusers'."""
-    root = upstream_root()
-    folder = root / "transformers" if module == "tests" or module.startswith("tests.") else root
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    loaded = sys.modules.get("tests")
-    if loaded is not None and Path(getattr(loaded, "__file__", None) or "/").parent != folder / "tests":
-        for name in [name for name in sys.modules if name == "tests" or name.startswith("tests.")]:
-            del sys.modules[name]
-    return importlib.import_module(module)
+UPSTREAM = _locate()
+
+for _path in (str(UPSTREAM), str(UPSTREAM / "transformers")):
+    if _path in sys.path:
+        sys.path.remove(_path)
+sys.path.insert(0, str(UPSTREAM))
+sys.path.insert(0, str(UPSTREAM / "transformers"))
+
+# A `tests` imported from elsewhere (a namespace package made of this repo's own tests folder) would shadow
+# upstream's: upstream's files import `tests.*` and their own package by relative imports.
+_loaded = sys.modules.get("tests")
+if _loaded is not None and not str(getattr(_loaded, "__file__", "") or "").startswith(str(UPSTREAM)):
+    for _name in [name for name in sys.modules if name == "tests" or name.startswith("tests.")]:
+        del sys.modules[_name]
+
+
+
+@contextlib.contextmanager
+def model_type_tables(model_type: str, **classes: str):
+    """Add ``model_type`` to transformers' static class tables while the block runs, e.g.
+    ``model_type_tables("cpmbee", MODEL_MAPPING_NAMES="CpmBeeModel")``: upstream tests read a model's role (base
+    model, causal LM, ...) from them, and run-time ``Auto*.register`` does not fill them."""
+    auto = importlib.import_module("transformers.models.auto.modeling_auto")
+    with contextlib.ExitStack() as stack:
+        for table, class_name in classes.items():
+            stack.enter_context(mock.patch.dict(getattr(auto, table), {model_type: class_name}))
+        yield
 
 
 class UpstreamTables:
-    """unittest mixin: ``model_type_tables(cls.model_type, **cls.model_tables)`` for the duration of the test class
-    (upstream tests read a model's role from transformers' static class tables)."""
+    """unittest mixin: `model_type_tables` (``cls.model_type``, ``cls.model_tables``) for the whole test class."""
 
     model_type: str = ""
     model_tables: dict = {}
@@ -86,13 +88,4 @@ class UpstreamTables:
         super().tearDownClass()
 
 
-@contextlib.contextmanager
-def model_type_tables(model_type: str, **classes: str):
-    """Add ``model_type`` to transformers' static class tables for the duration of a test class, e.g.
-    ``model_type_tables("cpmbee", MODEL_MAPPING_NAMES="CpmBeeModel")``: upstream tests read a model's role (base
-    model, causal LM, ...) from them, and run-time ``Auto*.register`` does not fill them."""
-    auto = importlib.import_module("transformers.models.auto.modeling_auto")
-    with contextlib.ExitStack() as stack:
-        for table, class_name in classes.items():
-            stack.enter_context(mock.patch.dict(getattr(auto, table), {model_type: class_name}))
-        yield
+__all__ = ["UPSTREAM", "UpstreamTables", "model_type_tables"]

@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 from conftest import CHAT_QUERY_NUM, load_script
+from fake_hub_api import calls as _calls
+from fake_hub_api import fake_api  # noqa: F401  (a fixture)
 from PIL import Image
 
 import viscpm  # noqa: F401  (registers the Auto classes)
@@ -35,9 +37,10 @@ from viscpm.conversion.common import ConversionError
 from viscpm.conversion.original_format import resolve_original_format
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# This interpreter's site-packages, and those a chained venv adds through a .pth file (which -S would skip).
+# This environment's site-packages, and those a `.pth` file chains in (a venv built on another venv's packages);
+# `-S` would skip the `.pth` files, so the isolated interpreter gets the folders themselves.
 SITE_PACKAGES = list(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-                                    *(path for path in sys.path if path.endswith("site-packages"))]))
+                                    *(path for path in sys.path if Path(path).name == "site-packages")]))
 QUESTION = "这张图片里有什么？"
 PROMPT, NEGATIVE = "一只可爱的橘猫坐在窗台上", "模糊"
 MAX_NEW_TOKENS = 6
@@ -274,41 +277,6 @@ def test_code_closure_refuses_imports_a_user_may_lack(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- push script
 
 
-class FakeHfApi:
-    """Records what the push does instead of talking to the Hub."""
-
-    log: list = []
-
-    def __init__(self, token=None, **kwargs):
-        self.log.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.log.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-
-    def create_branch(self, repo_id, **kwargs):
-        self.log.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {}
-        for op in operations:
-            with op.as_file() as handle:
-                files[op.path_in_repo] = handle.read()
-        self.log.append(("create_commit", {"repo_id": repo_id, "files": files, **kwargs}))
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", pr_url=None)
-
-
-@pytest.fixture
-def fake_api(monkeypatch):
-    FakeHfApi.log = []
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    return FakeHfApi
-
-
-def _calls(api, name):
-    return [data for call, data in api.log if call == name]
-
-
 def _card_metadata(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
@@ -488,19 +456,19 @@ def test_local_checkpoint_file(fake_hub, chat_info, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_entry(fake_hub, chat_info, monkeypatch):
-    import viscpm.conversion.convert_viscpm_chat as convert_chat
+    import viscpm.conversion.common as common
 
-    save = convert_chat.save_model_folder
+    save = common.save_model_folder  # what the Chat converter writes its folder with
 
     def crash_midway(folder, *args, **kwargs):
         save(folder, *args, **kwargs)  # everything is written ...
         raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
 
-    monkeypatch.setattr(convert_chat, "save_model_folder", crash_midway)
+    monkeypatch.setattr(common, "save_model_folder", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert _entries(fake_hub) == []  # neither an entry nor a partial folder
-    monkeypatch.setattr(convert_chat, "save_model_folder", save)
+    monkeypatch.setattr(common, "save_model_folder", save)
     VisCPMChat.from_pretrained("openbmb/VisCPM-Chat", variant="balance", **_chat_options(chat_info, fake_hub))
     assert len(_entries(fake_hub)) == 1 and len(fake_hub.conversions) == 2
 

@@ -278,10 +278,12 @@ def test_prompt_length_limit_matches_original(processor):
     original_chat_inputs(None, ["问题"], [context], max_inp_length=n)
     with pytest.raises(ValueError, match="No answer to predict"):
         original_chat_inputs(None, ["问题"], [context], max_inp_length=n - 1)
-    assert processor(text="问题", context=context, max_length=n)["input_ids"].shape[1] == n - 1
-    with pytest.raises(ValueError, match=f"the prompt is {n} tokens, over max_length={n - 1}"):
-        processor(text="问题", context=context, max_length=n - 1)
-    with pytest.raises(ValueError, match="over max_length=3000"):
+    limited = VisCPMChatProcessor(processor.image_processor, processor.tokenizer, max_prompt_length=n)
+    assert limited(text="问题", context=context)["input_ids"].shape[1] == n - 1
+    limited.max_prompt_length = n - 1
+    with pytest.raises(ValueError, match=f"the prompt is {n} tokens, over max_prompt_length={n - 1}"):
+        limited(text="问题", context=context)
+    with pytest.raises(ValueError, match="over max_prompt_length=3000"):
         processor(text="问题", context="很长的上下文" * 1000)  # the default limit is the original's 3000
     with pytest.raises(ValueError, match="item 1: the prompt is"):
         processor(text=["a", "b"], context=["", "很长的上下文" * 1000])
@@ -345,8 +347,10 @@ def test_bad_chats(processor, messages, message):
 
 def test_bad_calls(processor):
     image = _image(0, 9, 9)
-    with pytest.raises(ValueError, match="text is required"):
-        processor(images=image)
+    with pytest.raises(ValueError, match="nothing to process"):
+        processor()
+    # Images alone give their pixel values, as the image processor does.
+    assert torch.equal(processor(images=image)["pixel_values"], processor.image_processor(image)["pixel_values"])
     with pytest.raises(ValueError, match="2 images for 3 questions"):
         processor(images=[image, image], text=["a", "b", "c"])
     with pytest.raises(ValueError, match="one image for 2 questions"):
@@ -366,7 +370,10 @@ def test_bad_calls(processor):
 # ---------------------------------------------------------------------------------------------- decoding, pipeline
 
 
-def test_post_process_decodes_answers_with_ext_pieces(processor):
+def test_post_process_is_stateless(processor):
+    """Decoding reads only the ids it is given (no memory of earlier calls): the prompt and prompt + answer decode
+    the same way, so their difference is the answer; pieces outside the vocabulary cannot be spelt from ids and come
+    out as U+FFFD, unless the caller passes the prompt's ext table (as `chat()` does)."""
     tok = processor.tokenizer
     question = "图中𠀀𠀁和𠀂是什么？"
     enc = processor(images=_image(0, 9, 9), text=question)
@@ -377,15 +384,23 @@ def test_post_process_decodes_answers_with_ext_pieces(processor):
     answer = [tok.convert_tokens_to_ids("是"), ext_ids[0], tok.unk_token_id, tok.convert_tokens_to_ids("<"),
               tok.eos_token_id]
     sequence = torch.cat([enc["input_ids"], torch.tensor([answer])], dim=1)
-    prompt_text = processor.post_process_image_text_to_text(enc["input_ids"])[0]
-    full_text = processor.post_process_image_text_to_text(sequence)[0]
-    assert prompt_text == "imagecontextquestion" + question  # specials skipped, image slots not overprinted
-    expected = tok.decode_answers(prompt, [answer])["<ans>"]  # the original's decoding of the answer
-    assert full_text.startswith(prompt_text) and full_text[len(prompt_text):] == expected
+    for decoder in (processor, VisCPMChatProcessor(processor.image_processor, tok)):  # a fresh one: same result
+        prompt_text = decoder.post_process_image_text_to_text(enc["input_ids"])[0]
+        full_text = decoder.post_process_image_text_to_text(sequence)[0]
+        # Specials skipped, the image slots left out, the two OOV pieces of the question unspellable from ids.
+        assert prompt_text == "imagecontextquestion图中\ufffd和\ufffd是什么？"
+        assert full_text == prompt_text + "是\ufffd\ufffd<<"
+    # With the prompt's table (what chat() has), exactly the original's decoding of the answer.
+    expected = tok.decode_answers(prompt, [answer])["<ans>"]
     assert expected == "是" + table[ext_ids[0]] + table[tok.unk_token_id] + "<<"
-    # Stateless form: explicit tables, for rows this processor did not encode.
-    fresh = VisCPMChatProcessor(processor.image_processor, tok)
-    assert fresh.post_process_image_text_to_text(torch.tensor([answer]), ext_tables=[table]) == [expected]
+    exact = processor.post_process_image_text_to_text(sequence, ext_tables=[table])[0]
+    assert exact == "imagecontextquestion" + question + expected
+    assert processor.post_process_image_text_to_text(torch.tensor([answer]), ext_tables=[table]) == [expected]
+    # A generate() output object works too, and left padding is ignored.
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), sequence], dim=1)
+    assert processor.post_process_image_text_to_text(SimpleNamespace(sequences=padded)) == [full_text]
+    with pytest.raises(ValueError, match="2 ext tables for 1 rows"):
+        processor.post_process_image_text_to_text(sequence, ext_tables=[table, table])
 
 
 def test_pipeline_contract(processor):
@@ -415,20 +430,24 @@ def test_save_and_load(processor, tmp_path):
     from transformers import AutoImageProcessor, AutoProcessor
 
     custom = VisCPMChatProcessor(VisCPMImageProcessor(apply_exif_orientation=False), processor.tokenizer,
-                                 query_num=8, max_length=500)
+                                 query_num=8, max_prompt_length=500)
     custom.save_pretrained(tmp_path)
     assert {"processor_config.json", "vocab.txt", "tokenizer_config.json"} <= set(os.listdir(tmp_path))
     saved = json.loads((tmp_path / "processor_config.json").read_text())
-    assert saved["query_num"] == 8 and saved["max_length"] == 500
+    assert saved["query_num"] == 8 and saved["max_prompt_length"] == 500
     image = _image(40, 21, 34)
     expected = custom(images=image, text="你好 <s>", context="User: a\nAI: b\n")
     assert expected["image_bound"][0, 1] - expected["image_bound"][0, 0] == 8
     for loaded in (VisCPMChatProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is VisCPMChatProcessor
-        assert loaded.query_num == 8 and loaded.max_length == 500
+        assert loaded.query_num == 8 and loaded.max_prompt_length == 500
         assert loaded.image_processor.apply_exif_orientation is False
         out = loaded(images=image, text="你好 <s>", context="User: a\nAI: b\n")
         assert all(torch.equal(out[key], expected[key]) for key in expected)
+    # A folder saved before the limit was renamed (key "max_length") keeps its limit.
+    saved["max_length"] = saved.pop("max_prompt_length")
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    assert VisCPMChatProcessor.from_pretrained(tmp_path).max_prompt_length == 500
     # A model folder (config.json of type viscpm_chat) resolves the image processor through the Auto class too.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "viscpm_chat"}))
     custom.image_processor.save_pretrained(tmp_path)
@@ -464,3 +483,74 @@ def test_remote_code_folder(processor, tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                             cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- processing kwargs
+
+
+def test_processing_kwargs_flat_grouped_and_at_init(processor):
+    """transformers' processing kwargs: flat or grouped per modality, overriding the processor's defaults."""
+    image = _image(60, 20, 30)
+    reference = processor(images=[image, image], text=["问", "一个更长的问题"])  # defaults: padded (left), tensors
+    assert reference["attention_mask"][0, 0] == 0 and isinstance(reference["input_ids"], torch.Tensor)
+    pixels = reference["pixel_values"]
+    for kwargs in ({"padding_side": "right", "do_rescale": False},
+                   {"text_kwargs": {"padding_side": "right"}, "images_kwargs": {"do_rescale": False}}):
+        out = processor(images=[image, image], text=["问", "一个更长的问题"], **kwargs)
+        assert out["attention_mask"][0, -1] == 0
+        assert torch.equal(out["input_ids"][1], reference["input_ids"][1])
+        # Not rescaled: (x - 0.5) / 0.5 on 0..255 values, the same x as the default's x / 255.
+        assert torch.allclose((out["pixel_values"][0] * 0.5 + 0.5) / 255, pixels[0] * 0.5 + 0.5, atol=1e-6)
+    as_lists = processor(images=[image, image], text=["问", "一个更长的问题"], common_kwargs={"return_tensors": None},
+                         padding=False)
+    assert isinstance(as_lists["input_ids"], list) and len(as_lists["input_ids"][0]) < len(as_lists["input_ids"][1])
+    assert isinstance(processor(images=image, text="问", return_tensors="np")["pixel_values"], np.ndarray)
+    padded = processor(images=image, text="问", padding="max_length", max_length=120)
+    assert padded["input_ids"].shape == (1, 120)
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(images=image, text="问", do_rescale=False, images_kwargs={"do_rescale": True})
+    with pytest.raises(ValueError, match="does not take videos"):
+        processor(images=image, text="问", videos=[np.zeros((2, 8, 8, 3))])
+    # do_rescale / rescale_factor at init are honoured too.
+    halved = VisCPMChatProcessor(VisCPMImageProcessor(rescale_factor=1 / 510), processor.tokenizer)
+    assert torch.allclose(halved(images=image, text="问")["pixel_values"] * 0.5 + 0.5,
+                          (pixels[0] * 0.5 + 0.5) / 2, atol=1e-6)
+    assert VisCPMImageProcessor(do_rescale=False)(image)["pixel_values"].abs().max() > 2  # 0..255 scale kept
+
+
+def test_nested_images_and_multimodal_tokens(processor):
+    images = [_image(61, 20, 30), _image(62, 25, 25)]
+    flat = processor(images=images, text=["a", "b"])
+    nested = processor(images=[[images[0]], [images[1]]], text=["a", "b"])
+    assert all(torch.equal(flat[key], nested[key]) for key in flat)
+    single = processor(images=[[images[0]]], text="a")
+    assert torch.equal(single["pixel_values"], flat["pixel_values"][:1])
+    with pytest.raises(ValueError, match="item 1: got 2 images"):
+        processor(images=[[images[0]], images], text=["a", "b"])
+    out = processor(images=images, text=["a", "a much longer question"], return_mm_token_type_ids=True)
+    for row, (start, end) in enumerate(out["image_bound"].tolist()):
+        assert out["mm_token_type_ids"][row].nonzero().flatten().tolist() == list(range(start, end))
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(20, 30), (25, 25)])["num_image_tokens"]
+    assert counts == out["mm_token_type_ids"].sum(-1).tolist() == [processor.query_num] * 2
+
+
+def test_chat_template_tokenized_is_chat_prompt(processor):
+    """`apply_chat_template(messages, tokenize=True)` (what the pipeline calls) gives chat()'s prompt: the earlier
+    turns become the context, the last user turn the question, the image part the pixels."""
+    image = _image(63, 30, 30)
+    pipeline_kwargs = dict(continue_final_message=False, return_tensors="pt", tokenize=True, return_dict=True,
+                           add_generation_prompt=True, processor_kwargs={})
+    out = processor.apply_chat_template(_chat(image), **pipeline_kwargs)
+    expected = processor(images=image, text="什么颜色 <ans>?", context="User: 这是什么？\nAI: 一只 <猫>。\n")
+    assert set(out) == set(expected) and all(torch.equal(out[key], expected[key]) for key in expected)
+    import base64
+
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    messages = [{"role": "user", "content": [
+        {"type": "image", "base64": "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()},
+        {"type": "text", "text": "hi"}]}]
+    from_base64 = processor.apply_chat_template(messages, **pipeline_kwargs)
+    assert torch.equal(from_base64["pixel_values"], processor(images=image, text="hi")["pixel_values"])
+    with pytest.raises(ValueError, match="drop tools"):
+        processor.apply_chat_template(_chat(image), tools=[{"name": "x"}])

@@ -177,7 +177,7 @@ CHAT_CALL_CASES = [
     ("num-beams-float", lambda: _pixels()[0], dict(num_beams=2.5), TypeError, ["num_beams", "whole number"]),
     ("max-new-tokens-string", lambda: _pixels()[0], dict(max_new_tokens="5"), TypeError, ["max_new_tokens"]),
     ("image-meta-tensor", lambda: torch.empty((3, 32, 32), device="meta"), {}, ValueError,
-     ["meta tensor", "image"]),
+     ["meta device", "image"]),
 ]
 
 

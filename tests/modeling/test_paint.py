@@ -1,149 +1,33 @@
-"""VisCPM-Paint against the original implementation.
+"""VisCPM-Paint's text encoder and pipeline against the original implementation.
 
-A tiny random original Paint (CPM-Bee, bridge, UNet) is saved in the original checkpoint format, converted with
-our converter (VAE, scheduler and UNet config from a tiny local "SD base" folder), loaded as a
-`VisCPMPaintPipeline` and compared in fp32 with the original's text states and images for the same generator.
+The tiny Paint of tests/paint_testing.py: converted from the original checkpoint format and compared in fp32 with
+the original's text states and images for the same generator.
 """
 
-import contextlib
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils.torch_utils import randn_tensor
-from oracle import (
-    TINY_ORIGINAL_CONFIG,
-    build_original_cpmbee,
-    build_original_paint,
-    original_paint_images,
-    original_paint_inputs,
-    original_paint_state_dict,
-    original_paint_text_states,
-)
-from transformers import (
-    AutoModel,
-    BertConfig,
-    BertForSequenceClassification,
-    BertTokenizer,
-    ChineseCLIPConfig,
-    ChineseCLIPImageProcessor,
-    ChineseCLIPModel,
-    ChineseCLIPProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
-)
-from transformers import pipeline as hf_pipeline
+from oracle import original_paint_images, original_paint_inputs, original_paint_text_states
+from paint_testing import ATOL, EN, NEGATIVE, STEPS, TEXT_KEYS, ZH
+from paint_testing import batches as _batches
+from paint_testing import gen as _gen
+from paint_testing import ours as _ours
+from paint_testing import theirs as _theirs
+from paint_testing import with_parts as _with_parts
+from transformers import AutoModel
 
 from conftest import PAINT_SIZE as SIZE
-from conftest import load_script, tiny_unet, tiny_vae, write_sd_base
 
 import viscpm  # noqa: F401  (registers the text encoder)
+from viscpm import VisCPMPaintPipeline
 from viscpm.adapters import lora_target_pattern
-from viscpm.conversion.common import ConversionError
-from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
 from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
-from viscpm import VisCPMPaint, VisCPMPaintPipeline
-
-convert_main = load_script("convert_viscpm_paint").main
-STEPS = 6
-ATOL = 2e-4
-ZH, EN = "一只可爱的橘猫坐在窗台上，阳光明媚", "a red bicycle leaning on a brick wall"
-NEGATIVE = "模糊, low quality, blurry, distorted, ugly, watermark"
-TEXT_KEYS = ("input_ids", "attention_mask", "segment_ids", "context_mask", "segment_rel", "ext_table_ids",
-             "ext_table_sub")
-def _bert_vocab(folder):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", *ZH, *"模糊猫狗", "red",
-             "bicycle", "cat", "the", "a", ","]
-    path = folder / "bert_vocab.txt"
-    path.write_text("\n".join(dict.fromkeys(words)) + "\n", encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def paint(tmp_path_factory, vocab_file):
-    """The original Paint, our converted folder and the pipeline loaded from it (no optional parts)."""
-    root = tmp_path_factory.mktemp("paint")
-    unet, vae = tiny_unet(), tiny_vae()
-    sd_base = write_sd_base(root / "sd-base", unet, vae)
-    scheduler = DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler")  # as the original loads it
-    original = build_original_paint(build_original_cpmbee(seed=0), unet, vae, scheduler)
-    checkpoint = root / "viscpm_paint_checkpoint.pt"
-    torch.save(original_paint_state_dict(original), checkpoint)
-    (root / "llm.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
-
-    argv = ["--checkpoint", str(checkpoint), "--output-dir", str(root / "hf"), "--llm-config", str(root / "llm.json"),
-            "--sd-base", str(sd_base), "--vocab-file", vocab_file, "--no-progress"]
-    assert convert_main(argv) == 0
-    pipe = VisCPMPaintPipeline.from_pretrained(root / "hf")
-    pipe.set_progress_bar_config(disable=True)
-    return {"root": root, "original": original, "pipe": pipe, "checkpoint": checkpoint, "sd_base": sd_base}
-
-
-@pytest.fixture(scope="module")
-def extras(tmp_path_factory):
-    """Tiny optional parts: image safety checker, prompt checker (BERT classifier) and ranker (Chinese-CLIP)."""
-    root = tmp_path_factory.mktemp("extras")
-    vocab = _bert_vocab(root)
-    torch.manual_seed(2)
-    tokenizer = BertTokenizer(vocab)
-    bert = dict(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=32, max_position_embeddings=64)
-    # A large init spread, so that the tiny random classifier scores different prompts differently.
-    checker = BertForSequenceClassification(BertConfig(**bert, num_labels=2, initializer_range=1.0)).eval()
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE,
-                  patch_size=8)
-    ranker = ChineseCLIPModel(ChineseCLIPConfig(text_config=bert, vision_config=vision, projection_dim=16)).eval()
-    ranker_processor = ChineseCLIPProcessor(
-        image_processor=ChineseCLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}),
-        tokenizer=tokenizer,
-    )
-    safety = StableDiffusionSafetyChecker(CLIPConfig(text_config=dict(bert, vocab_size=99), vision_config=vision,
-                                                     projection_dim=16)).eval()
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    return dict(prompt_checker=checker, prompt_checker_tokenizer=tokenizer, ranker=ranker,
-                ranker_processor=ranker_processor, safety_checker=safety, feature_extractor=feature_extractor)
-
-
-def _gen(seed=3):
-    return torch.Generator().manual_seed(seed)
-
-
-def _ours(pipe, prompt, **kwargs):
-    kwargs = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "output_type": "np", **kwargs}
-    kwargs.setdefault("generator", _gen())
-    return pipe(prompt, **kwargs)
-
-
-def _theirs(original, prompt, negative_prompt=None, **kwargs):
-    kwargs = {"num_inference_steps": STEPS, "height": SIZE, "width": SIZE, "output_type": "np", **kwargs}
-    kwargs.setdefault("generator", _gen())
-    return original_paint_images(original, prompt, negative_prompt, **kwargs).images
-
-
-def _with_parts(pipe, **parts):
-    clone = VisCPMPaintPipeline(**{**pipe.components, **parts})
-    clone.set_progress_bar_config(disable=True)
-    return clone
-
-
-@contextlib.contextmanager
-def _batches(module, name=None):
-    """The batch size of each forward call of ``module`` in the block (of its ``name`` argument, else the first)."""
-    sizes = []
-
-    def record(_, args, kwargs):
-        sizes.append((kwargs[name] if name else args[0]).shape[0])
-
-    handle = module.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        yield sizes
-    finally:
-        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------- text encoder
@@ -188,9 +72,8 @@ def test_text_encoder_auto_class_round_trip(paint, tmp_path):
         dict(prompt=EN, negative_prompt=NEGATIVE),  # longer than the prompt: the prompt gets padded
         dict(prompt=ZH, negative_prompt="模糊"),  # shorter than the prompt: the negative gets padded
         dict(prompt=ZH, num_images_per_prompt=2),
-        dict(prompt=[ZH, EN], negative_prompt=["", NEGATIVE]),
     ],
-    ids=["chinese", "english", "long-negative", "short-negative", "two-per-prompt", "batch-of-two"],
+    ids=["chinese", "english", "long-negative", "short-negative", "two-per-prompt"],
 )
 def test_images_match_original(paint, case):
     case = dict(case)
@@ -201,7 +84,6 @@ def test_images_match_original(paint, case):
     assert np.abs(got.images - expected).max() <= ATOL
     assert expected.std() > 0.05  # a real picture, not a constant
     assert got.nsfw_content_detected == [None] * len(expected)  # no checker: reported as not checked
-    assert got.prompt_refused == [False] * len(expected)
 
 
 def test_images_depend_on_the_text(paint):
@@ -221,8 +103,8 @@ def test_output_types(paint):
     assert torch.allclose(tensors.permute(0, 2, 3, 1), torch.from_numpy(arrays))
     latents = _ours(pipe, EN, output_type="latent").images
     assert latents.shape == (1, 4, SIZE // 2, SIZE // 2)
-    images, nsfw, refused = _ours(pipe, EN, return_dict=False)
-    assert np.array_equal(images, arrays) and nsfw == [None] and refused == [False]
+    images, nsfw = _ours(pipe, EN, return_dict=False)
+    assert np.array_equal(images, arrays) and nsfw == [None]
 
 
 def test_swapped_scheduler_matches_original(paint):
@@ -251,12 +133,12 @@ def test_latents_input_matches_original(paint):
 
 def test_prompt_embeds_input(paint):
     pipe = paint["pipe"]
-    embeds, negative = pipe.encode_prompt(EN, torch.device("cpu"), 1, True, negative_prompt=NEGATIVE)
+    embeds, negative, *_ = pipe.encode_prompt(EN, torch.device("cpu"), 1, True, negative_prompt=NEGATIVE)
     expected = _ours(pipe, EN, negative_prompt=NEGATIVE).images
     got = _ours(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=negative).images
     assert np.array_equal(got, expected)
     # Without negative embeddings, the default negative "" is encoded and padded to the prompt's length.
-    only_prompt, _ = pipe.encode_prompt(EN, torch.device("cpu"), 1, True)
+    only_prompt, *_ = pipe.encode_prompt(EN, torch.device("cpu"), 1, True)
     assert np.array_equal(_ours(pipe, None, prompt_embeds=only_prompt).images, _ours(pipe, EN).images)
 
 
@@ -291,87 +173,135 @@ def test_guidance_scale_one_disables_guidance(paint):
     assert calls == [1] * STEPS
 
 
-# ---------------------------------------------------------------------------------------------- optional parts
+# ---------------------------------------------------------------------------------------------- StableDiffusionPipeline's arguments
 
 
-def test_ranker_returns_the_best_candidate(paint, extras):
-    pipe = _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"])
-    candidates = _ours(pipe, EN, num_images_per_prompt=4, use_ranker=False, output_type="pil").images
-    scores = pipe.rank(EN, candidates)
-    assert len(set(scores.tolist())) == 4  # distinct scores: the choice is meaningful
-    best = _ours(pipe, EN, output_type="pil").images
-    assert len(best) == 1
-    assert np.array_equal(np.asarray(best[0]), np.asarray(candidates[int(scores.argmax())]))
-    # Two requested images: each is the best of its own four candidates.
-    eight = _ours(pipe, EN, num_images_per_prompt=8, use_ranker=False, output_type="pil").images
-    two = _ours(pipe, EN, num_images_per_prompt=2, output_type="pil").images
-    for k in range(2):
-        group = eight[4 * k: 4 * k + 4]
-        assert np.array_equal(np.asarray(two[k]), np.asarray(group[int(pipe.rank(EN, group).argmax())]))
+def test_text_encoder_hidden_states(paint):
+    """`output_hidden_states` (argument or config) gives CPM-Bee's states: each layer's input, then the output after the
+    final norm, which is `text_hidden_state`; the bridge of that is `last_hidden_state`."""
+    encoder = paint["pipe"].text_encoder
+    inputs = paint["pipe"].tokenizer([{"caption": EN, "objects": ""}], return_tensors="pt")
+    inputs = {key: inputs[key] for key in TEXT_KEYS}
+    with torch.no_grad():
+        plain = encoder(**inputs)
+        out = encoder(**inputs, output_hidden_states=True)
+        encoder.config.output_hidden_states = True
+        try:
+            from_config = encoder(**inputs)
+            as_tuple = encoder(**inputs, return_dict=False)
+        finally:
+            encoder.config.output_hidden_states = False
+    assert plain.hidden_states is None
+    assert len(out.hidden_states) == encoder.config.text_config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[-1], out.text_hidden_state)
+    assert torch.equal(encoder.bridge(out.hidden_states[-1]), out.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(from_config.hidden_states, out.hidden_states))
+    assert len(as_tuple) == 3 and torch.equal(as_tuple[2][0], out.hidden_states[0])
 
 
-def test_ranker_picks_per_prompt_and_image_in_one_batch(paint, extras):
-    """Two prompts × two images: the ranker runs once on all 16 candidates, and each image is its own group's best
-    against its own prompt (scores scripted so that another group's or prompt's column would pick another)."""
-    pipe = _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"])
-    candidates = _ours(pipe, [EN, ZH], num_images_per_prompt=8, use_ranker=False).images
-    best = {0: 1, 1: 3, 2: 0, 3: 2}  # group (prompt-major) -> its best candidate
-    scores = torch.zeros(16, 2)
-    for group, k in best.items():
-        prompt = group // 2
-        scores[4 * group + k, prompt] = 1.0
-        scores[4 * group + (k + 1) % 4, 1 - prompt] = 2.0  # the other prompt's column prefers another candidate
+def test_clip_skip_uses_earlier_layers(paint):
+    pipe = paint["pipe"]
+    embeds, *_ = pipe.encode_prompt(EN, torch.device("cpu"), 1, False, clip_skip=1)
+    encoder = pipe.text_encoder
+    inputs = pipe.tokenizer([pipe._prompt_dict(EN)], return_tensors="pt")
+    with torch.no_grad():
+        states = encoder(**{key: inputs[key] for key in TEXT_KEYS}, output_hidden_states=True).hidden_states
+        expected = encoder.bridge(encoder.model.norm(states[-2]))
+    assert torch.equal(embeds, expected)
+    assert np.abs(_ours(pipe, EN, clip_skip=1).images - _ours(pipe, EN).images).max() > 100 * ATOL
+    assert np.array_equal(_ours(pipe, EN, clip_skip=0).images, _ours(pipe, EN).images)
 
-    def scripted(module, args, kwargs, output):
-        assert kwargs["pixel_values"].shape[0] == 16 and kwargs["input_ids"].shape[0] == 2
-        output.logits_per_image = scores.clone()
-        return output
 
-    handle = pipe.ranker.register_forward_hook(scripted, with_kwargs=True)
+def test_guidance_rescale(paint, monkeypatch):
+    import viscpm.modeling.pipeline_viscpm_paint as module
+
+    pipe, calls = paint["pipe"], []
+    rescale = module.rescale_noise_cfg
+    monkeypatch.setattr(module, "rescale_noise_cfg", lambda *args, **kwargs: calls.append(kwargs) or rescale(*args, **kwargs))
+    assert np.array_equal(_ours(pipe, EN, guidance_rescale=0.0).images, _ours(pipe, EN).images) and calls == []
+    rescaled = _ours(pipe, EN, guidance_rescale=0.7).images
+    assert calls == [{"guidance_rescale": 0.7}] * STEPS
+    assert np.abs(rescaled - _ours(pipe, EN).images).max() > 100 * ATOL
+
+
+def test_custom_timesteps_and_eta(paint):
+    pipe = paint["pipe"]
+    pipe.scheduler.set_timesteps(STEPS)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert np.array_equal(_ours(pipe, EN, timesteps=timesteps).images, _ours(pipe, EN).images)
+    assert np.abs(_ours(pipe, EN, timesteps=timesteps[::2]).images - _ours(pipe, EN).images).max() > 100 * ATOL
+    with pytest.raises(ValueError, match="does not support custom sigmas"):
+        _ours(pipe, EN, sigmas=[1.0, 0.5])
+    ddim = _with_parts(pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    assert np.abs(_ours(ddim, EN, eta=1.0).images - _ours(ddim, EN, eta=0.0).images).max() > 100 * ATOL
+    assert np.array_equal(_ours(pipe, EN, eta=1.0).images, _ours(pipe, EN).images)  # DDPM takes no eta
+
+
+def test_cross_attention_kwargs_reach_the_processors(paint):
+    class Recording(AttnProcessor2_0):
+        seen = []
+
+        def __call__(self, attn, hidden_states, *args, tag=None, **kwargs):
+            Recording.seen.append(tag)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    pipe = _own_unet_and_vae(paint)
+    pipe.unet.set_attn_processor(Recording())
+    got = _ours(pipe, EN, cross_attention_kwargs={"tag": "hello"}).images
+    assert Recording.seen and set(Recording.seen) == {"hello"}
+    assert np.abs(got - _ours(paint["pipe"], EN).images).max() <= ATOL
+
+
+def test_cfg_cutoff_callbacks(paint):
+    """diffusers' SDCFGCutoffCallback (one prompt) and the same cut for a batch whose rows have masks: guidance turns
+    off mid-way, the prompts' rows of `prompt_embeds` (and of the attention mask) stay."""
+    pipe = paint["pipe"]
+
+    def cut_batch(pipeline, step, timestep, tensors):
+        if step == 2:
+            pipeline._guidance_scale = 0.0
+            return {"prompt_embeds": tensors["prompt_embeds"][-2:]}
+        return {}
+
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        with _batches(pipe.ranker, "pixel_values") as calls:
-            got = _ours(pipe, [EN, ZH], num_images_per_prompt=2).images
+        single = _ours(pipe, EN, negative_prompt=NEGATIVE,
+                       callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=2))
+        batch = _ours(pipe, [EN, ZH], negative_prompt=["", NEGATIVE], callback_on_step_end=cut_batch,
+                      callback_on_step_end_tensor_inputs=["prompt_embeds"], generator=[_gen(1), _gen(2)])
     finally:
-        handle.remove()
-    assert calls == [16]
-    expected = candidates[[4 * group + k for group, k in best.items()]]
+        hook.remove()
+    assert calls == [2] * 3 + [1] * (STEPS - 3) + [4] * 3 + [2] * (STEPS - 3)
+    assert np.isfinite(single.images).all() and np.isfinite(batch.images).all()
+    assert np.abs(single.images - _ours(pipe, EN, negative_prompt=NEGATIVE).images).max() > 100 * ATOL
+
+
+def test_prompt_embeds_with_masks_equal_the_prompts(paint):
+    pipe = paint["pipe"]
+    prompts, negatives = [EN, ZH], [NEGATIVE, ""]
+    embeds, negative, mask, negative_mask = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True,
+                                                               negative_prompt=negatives)
+    assert mask is not None and torch.equal(mask, negative_mask) and not bool(mask.all())
+    generators = lambda: [_gen(1), _gen(2)]  # noqa: E731
+    expected = _ours(pipe, prompts, negative_prompt=negatives, generator=generators()).images
+    got = _ours(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=negative, prompt_attention_mask=mask,
+                negative_prompt_attention_mask=negative_mask, generator=generators()).images
     assert np.array_equal(got, expected)
 
 
-def test_prompt_checker_refuses_flagged_prompts(paint, extras):
-    checker, tokenizer = extras["prompt_checker"], extras["prompt_checker_tokenizer"]
-    pipe = _with_parts(paint["pipe"], prompt_checker=checker, prompt_checker_tokenizer=tokenizer)
-    with torch.no_grad():
-        logits = checker(**tokenizer([EN, ZH], return_tensors="pt", padding=True)).logits
-    p_en, p_zh = logits.softmax(-1)[:, 1].tolist()
-    assert abs(p_en - p_zh) > 1e-3
-    flagged, clean = (EN, ZH) if p_en > p_zh else (ZH, EN)
-    pipe.register_to_config(prompt_checker_threshold=(p_en + p_zh) / 2)  # between the two: one is refused
-
-    # The original's rule (a transformers text-classification pipeline, label 1 above the threshold) agrees.
-    classify = hf_pipeline("text-classification", model=checker, tokenizer=tokenizer, device="cpu")
-    for text, refused in ((flagged, True), (clean, False)):
-        top = classify(text, top_k=None)[0]
-        assert (top["label"] == "LABEL_1" and top["score"] > pipe.config.prompt_checker_threshold) == refused
-
-    out = _ours(pipe, [flagged, clean], num_images_per_prompt=2)
-    assert out.prompt_refused == [True, True, False, False]
-    assert not out.images[:2].any()  # nothing drawn: black
-    assert out.nsfw_content_detected == [None] * 4
-    assert np.array_equal(out.images[2:], _ours(paint["pipe"], clean, num_images_per_prompt=2).images)
-    only = _ours(pipe, flagged)
-    assert only.prompt_refused == [True] and only.images.shape == (1, SIZE, SIZE, 3)
+# ---------------------------------------------------------------------------------------------- image safety checker
 
 
 @pytest.mark.parametrize("flag_all", [False, True])
-def test_safety_checker_matches_original(paint, extras, flag_all):
-    safety = copy.deepcopy(extras["safety_checker"])
+def test_safety_checker_matches_original(paint, paint_extras, flag_all):
+    safety = copy.deepcopy(paint_extras["safety_checker"])
     if flag_all:
         with torch.no_grad():
             safety.concept_embeds_weights.fill_(-1.0)  # every image crosses the threshold
-    pipe = _with_parts(paint["pipe"], safety_checker=safety, feature_extractor=extras["feature_extractor"])
+    pipe = _with_parts(paint["pipe"], safety_checker=safety, feature_extractor=paint_extras["feature_extractor"])
     original = paint["original"]
-    original.sd.image_safety_checker, original.sd.feature_extractor = safety, extras["feature_extractor"]
+    original.sd.image_safety_checker, original.sd.feature_extractor = safety, paint_extras["feature_extractor"]
     try:
         expected = original_paint_images(original, [EN], None, num_inference_steps=STEPS, height=SIZE, width=SIZE,
                                          output_type="np", generator=_gen(), num_images_per_prompt=2)
@@ -386,101 +316,40 @@ def test_safety_checker_matches_original(paint, extras, flag_all):
     assert (not got.images.any()) == flag_all
 
 
-def test_pipeline_save_and_load_with_optional_parts(paint, extras, tmp_path):
-    pipe = _with_parts(paint["pipe"], **extras)
-    pipe.save_pretrained(tmp_path)
-    again = VisCPMPaintPipeline.from_pretrained(tmp_path)
-    again.set_progress_bar_config(disable=True)
-    for name, component in pipe.components.items():
-        assert type(again.components[name]) is type(component), name
-    assert again.config.prompt_checker_threshold == pipe.config.prompt_checker_threshold
-    a = _ours(pipe, EN, output_type="pil").images[0]
-    b = _ours(again, EN, output_type="pil").images[0]
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+# ---------------------------------------------------------------------------------------------- batches
 
 
-# ---------------------------------------------------------------------------------------------- drop-in
-
-
-def _pil_close(a, b):
-    assert a.size == b.size
-    return np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1  # uint8 rounding of ≤ 2e-4
-
-
-def test_drop_in_generate_matches_original(paint):
-    ours = VisCPMPaint.from_pretrained(paint["root"] / "hf", image_safety_checker=False, prompt_safety_checker=False,
-                                       add_ranker=False, device="cpu")
-    original = paint["original"]
-    for kwargs in (dict(prompt=ZH), dict(prompt=EN, negative_prompt=NEGATIVE, num_images_per_prompt=2)):
-        expected = original.generate(**kwargs, image_size=SIZE, generator=_gen())
-        got = ours.generate(**kwargs, image_size=SIZE, generator=_gen())
-        assert got.size == expected.size == (SIZE * kwargs.get("num_images_per_prompt", 1), SIZE)
-        assert _pil_close(got, expected)
-
-
-def test_drop_in_with_ranker_matches_original(paint, extras, tmp_path):
-    _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"]).save_pretrained(tmp_path)
-    ours = VisCPMPaint.from_pretrained(tmp_path, image_safety_checker=False, prompt_safety_checker=False, device="cpu")
-    assert ours.pipeline.ranker is not None
-    original = paint["original"]
-    original.clip_ranker, original.clip_preprocessor = extras["ranker"], extras["ranker_processor"]
-    try:
-        expected = original.generate(EN, image_size=SIZE, generator=_gen())
-    finally:
-        original.clip_ranker = original.clip_preprocessor = None
-    got = ours.generate(EN, image_size=SIZE, generator=_gen())
-    assert got.size == (SIZE, SIZE) and _pil_close(got, expected)
-
-
-def test_drop_in_refuses_like_original(paint, extras, tmp_path):
-    checker = copy.deepcopy(extras["prompt_checker"])
-    with torch.no_grad():
-        checker.classifier.bias.copy_(torch.tensor([0.0, 10.0]))  # label 1 (unsafe) for every prompt
-    tokenizer = extras["prompt_checker_tokenizer"]
-    _with_parts(paint["pipe"], prompt_checker=checker, prompt_checker_tokenizer=tokenizer).save_pretrained(tmp_path)
-    ours = VisCPMPaint.from_pretrained(tmp_path, image_safety_checker=False, add_ranker=False, device="cpu")
-    original = paint["original"]
-    original.prompt_safety_checker = hf_pipeline("text-classification", model=checker, tokenizer=tokenizer, device="cpu")
-    try:
-        assert original.generate(EN, image_size=SIZE, generator=_gen()) is None
-    finally:
-        original.prompt_safety_checker = None
-    with pytest.warns(UserWarning, match="unsafe content"):
-        assert ours.generate(EN, image_size=SIZE, generator=_gen()) is None
-
-
-# ---------------------------------------------------------------------------------------------- bad inputs
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(prompt=""), ValueError, "empty"),
-        (dict(prompt=[EN, "   "]), ValueError, "prompt 1 is empty"),
-        (dict(prompt=[]), ValueError, "empty list"),
-        (dict(prompt=EN, height=20), ValueError, "multiples of 8"),
-        (dict(prompt=EN, width=12), ValueError, "multiples of 8"),
-        (dict(prompt=EN, num_inference_steps=0), ValueError, "at least 1"),
-        (dict(prompt=EN, num_images_per_prompt=2, generator=[torch.Generator()] * 3), ValueError, "3 generators"),
-        (dict(prompt=[EN, ZH], negative_prompt=["x"]), ValueError, "1 negative prompts for 2"),
-        (dict(prompt=None), ValueError, "exactly one of"),
-        (dict(prompt=3), TypeError, "str or a list"),
-        (dict(prompt=EN, output_type="jpg"), ValueError, "output_type"),
-    ],
-    ids=["empty", "blank-in-batch", "empty-list", "height", "width", "steps", "generators", "negatives", "none", "int",
-         "output-type"],
-)
-def test_bad_inputs_are_clear_errors(paint, kwargs, error, match):
-    kwargs = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, **kwargs}
-    with pytest.raises(error, match=match):
-        paint["pipe"](**kwargs)
-
-
-def test_generator_list_per_image(paint):
-    generators = lambda: [_gen(5), _gen(6)]  # noqa: E731
-    expected = _theirs(paint["original"], [EN, ZH], generator=generators())
-    got = _ours(paint["pipe"], [EN, ZH], generator=generators()).images
+@pytest.mark.parametrize("per_prompt", [1, 2])
+def test_batch_images_match_original_one_prompt_at_a_time(paint, per_prompt):
+    """A batch of prompts whose prompt/negative pairs have different lengths, one generator per image: each image is
+    the original's for its prompt alone (the original paints one prompt per call; padding to the batch's longest
+    is masked, so an image does not depend on the other prompts of its batch)."""
+    prompts, negatives, seeds = [ZH, EN, "猫"], ["", NEGATIVE, ""], [[5, 6], [7, 8], [9, 10]]
+    expected = np.concatenate([
+        _theirs(paint["original"], prompt, negative, num_images_per_prompt=per_prompt,
+                generator=[_gen(seed) for seed in group[:per_prompt]])
+        for prompt, negative, group in zip(prompts, negatives, seeds)])
+    generators = [_gen(seed) for group in seeds for seed in group[:per_prompt]]
+    got = _ours(paint["pipe"], prompts, negative_prompt=negatives, num_images_per_prompt=per_prompt,
+                generator=generators).images
+    assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= ATOL
+
+
+def test_batch_equals_single(paint):
+    """Each image of a batch equals the image of its prompt alone (same generator), whatever the other prompts."""
+    pipe, long_prompt = paint["pipe"], "，".join([EN, ZH, NEGATIVE] * 4)
+    prompts, negatives = [EN, ZH, long_prompt], [NEGATIVE, "", "模糊"]
+    batch = _ours(pipe, prompts, negative_prompt=negatives, generator=[_gen(i) for i in range(3)]).images
+    for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+        single = _ours(pipe, prompt, negative_prompt=negative, generator=_gen(i)).images[0]
+        assert np.abs(batch[i] - single).max() <= 1e-5, prompt
+    # Without the mask (the original's batching, every row padded to the longest) the first two would differ.
+    embeds, negative_embeds, *_ = pipe.encode_prompt(prompts, torch.device("cpu"), 1, True, negative_prompt=negatives)
+    unmasked = _ours(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds,
+                     generator=[_gen(i) for i in range(3)]).images
+    assert np.abs(unmasked[0] - batch[0]).max() > 100 * ATOL
+    assert np.abs(unmasked[2] - batch[2]).max() <= 1e-5
 
 
 def test_less_than_escaped_in_prompts(paint):
@@ -489,100 +358,7 @@ def test_less_than_escaped_in_prompts(paint):
     assert out.images.shape == (1, SIZE, SIZE, 3) and np.isfinite(out.images).all()
 
 
-# ---------------------------------------------------------------------------------------------- converter
-
-
-def test_converted_folder(paint):
-    folder = paint["root"] / "hf"
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "VisCPMPaintPipeline"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
-    pipe = paint["pipe"]
-    assert isinstance(pipe.scheduler, DDPMScheduler)  # the original's sampler, from SD's PNDM config
-    original = paint["original"]
-    for name, tensor in original.sd.unet.state_dict().items():
-        assert torch.equal(pipe.unet.state_dict()[name], tensor), name
-
-
-def _convert_main(paint, tmp_path, checkpoint=None, **options):
-    argv = ["--checkpoint", str(checkpoint or paint["checkpoint"]), "--output-dir", str(tmp_path / "out"),
-            "--llm-config", str(paint["root"] / "llm.json"), "--sd-base", str(paint["sd_base"]), "--no-progress"]
-    for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return convert_main(argv)
-
-
-def test_chat_checkpoint_is_refused(paint, tmp_path, capsys):
-    state = torch.load(paint["checkpoint"], weights_only=True)
-    state = {k: v for k, v in state.items() if k.startswith("llm.")}
-    state.update({"vpm.beit3.text_embed.weight": torch.zeros(2, 2), "query": torch.zeros(64, 4),
-                  "mapping.0.weight": torch.zeros(4, 4)})
-    torch.save(state, tmp_path / "viscpm_chat_balance_checkpoint.pt")
-    assert _convert_main(paint, tmp_path, checkpoint=tmp_path / "viscpm_chat_balance_checkpoint.pt") == 1
-    err = capsys.readouterr().err
-    assert "is a VisCPM-Chat checkpoint" in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-
-
-def test_converter_errors(paint, tmp_path, capsys):
-    # Without --llm-config the 10B config is assumed: the shapes say which sizes differ.
-    argv = ["--checkpoint", str(paint["checkpoint"]), "--output-dir", str(tmp_path / "out"), "--sd-base",
-            str(paint["sd_base"]), "--no-progress"]
-    assert convert_main(argv) == 1
-    assert "--llm-config" in capsys.readouterr().err
-    # An SD base whose UNet config does not fit the checkpoint's UNet.
-    other = tiny_unet()
-    bigger = UNet2DConditionModel.from_config({**other.config, "block_out_channels": (8, 24)})
-    write_sd_base(tmp_path / "other-base", bigger, tiny_vae())
-    assert _convert_main(paint, tmp_path, sd_base=tmp_path / "other-base") == 1
-    err = capsys.readouterr().err
-    assert "unet." in err and "--sd-base" in err
-    # An SD base folder without its VAE.
-    (tmp_path / "no-vae" / "unet").mkdir(parents=True)
-    assert _convert_main(paint, tmp_path, sd_base=tmp_path / "no-vae") == 1
-    assert "has no vae/config.json" in capsys.readouterr().err
-    # Not a Paint checkpoint at all.
-    torch.save({"unrelated.weight": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ConversionError, match="not a VisCPM-Paint checkpoint"):
-        convert_viscpm_paint_checkpoint(tmp_path / "other.pt", tmp_path / "o", llm_config=paint["root"] / "llm.json",
-                                        sd_base=paint["sd_base"], vocab_file=_vocab(), progress=False)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
-
-
-def _vocab():
-    from oracle import VOCAB_FILE
-
-    return VOCAB_FILE
-
-
-def test_converter_dtype(paint, tmp_path):
-    assert _convert_main(paint, tmp_path, dtype="float16", vocab_file=_vocab()) == 0
-    from safetensors import safe_open
-
-    for part in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                 "vae/diffusion_pytorch_model.safetensors"):
-        with safe_open(tmp_path / "out" / part, "pt") as handle:
-            assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}, part
-    pipe = VisCPMPaintPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float16)
-    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float16
-
-
 # ---------------------------------------------------------------------------------------------- speed
-
-
-def test_one_batch_per_part(paint, extras):
-    """One call: the text encoder runs once (negatives and prompts together), the UNet once per step on every image
-    and ranker candidate (times two for guidance), the ranker once."""
-    pipe = _with_parts(paint["pipe"], ranker=extras["ranker"], ranker_processor=extras["ranker_processor"])
-    with (_batches(pipe.text_encoder, "input_ids") as text, _batches(pipe.unet) as unet,
-          _batches(pipe.ranker, "pixel_values") as ranker):
-        _ours(pipe, [EN, ZH], negative_prompt=NEGATIVE, num_images_per_prompt=2)
-    assert text == [4]
-    assert unet == [2 * 2 * 2 * 4] * STEPS
-    assert ranker == [16]
 
 
 def _own_unet_and_vae(paint):
@@ -664,7 +440,7 @@ def test_compiled_unet(paint, tmp_path):
 
 
 def _conditioning(pipe, prompt=EN, negative=NEGATIVE):
-    embeds, negative_embeds = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, negative_prompt=negative)
+    embeds, negative_embeds, *_ = pipe.encode_prompt(prompt, torch.device("cpu"), 1, True, negative_prompt=negative)
     return torch.cat([negative_embeds, embeds])
 
 
@@ -774,3 +550,4 @@ def test_model_cpu_offload(paint):
     pipe.enable_model_cpu_offload()
     got = _ours(pipe, EN, generator=_gen()).images
     assert np.abs(got - expected).max() <= 1e-3  # CPU vs GPU kernels
+

@@ -4,7 +4,6 @@ import copy
 import importlib.util
 import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -164,7 +163,7 @@ def test_generation_layout_single(tok, orig, packer, index):
     if "<ans>" in item:
         _check_generation(tok, orig, packer, [item])
         return
-    enc = tok(item)
+    enc = tok(item, return_tensors="pt")
     ids, subs, context, segs, rel, n, _, _ = convert_data_to_id(orig, copy.deepcopy(item), shuffle_answer=False)
     assert enc["input_ids"][0].tolist() == ids.tolist() and not subs.any()
     assert enc["segment_ids"][0].tolist() == segs.tolist()
@@ -183,18 +182,18 @@ def test_generation_layout_batched(tok, orig, packer):
 
 def test_ext_table_details(tok):
     # First unknown piece is plain <unk> (sub 0); later distinct ones get subs 1, 2; repeats reuse them.
-    enc = tok({"q": "𠀀 x 𠀁 y 𠀀 <unk_3>", "<ans>": ""})
+    enc = tok({"q": "𠀀 x 𠀁 y 𠀀 <unk_3>", "<ans>": ""}, return_tensors="pt")
     ids = enc["input_ids"][0].tolist()
     assert ids.count(1) == 2 and enc["unk_allowed"].tolist() == [1]
     assert enc["ext_table_ids"].tolist() == [[1, 1]] and enc["ext_table_sub"].tolist() == [[1, 2]]
     assert ids.count(V) == 1 and ids.count(V + 1) == 1
     # `<ans_N>` typed into a context after "<ans>": an extra entry, owned by no row.
-    enc = tok([{"<ans>": "", "q": "<ans_7>"}, {"q": "𠀀 𠀁", "<ans>": ""}])
+    enc = tok([{"<ans>": "", "q": "<ans_7>"}, {"q": "𠀀 𠀁", "<ans>": ""}], return_tensors="pt", padding=True)
     assert enc["ext_table_ids"][0].tolist() == [1, 9] and enc["ext_table_sub"][0].tolist() == [1, 1]
     assert enc["ext_table_mask"].tolist() == [[0, 0], [1, 0]]
     assert (enc["input_ids"][0] == V + 1).sum() == 1
     # No ext entries: [B, 0].
-    enc = tok(["abc", {"a": "b"}])
+    enc = tok(["abc", {"a": "b"}], return_tensors="pt", padding=True)
     assert enc["ext_table_ids"].shape == (2, 0) and enc["ext_table_mask"].dtype == torch.long
 
 
@@ -203,20 +202,24 @@ def test_plain_strings(tok, orig):
         assert tok.encode(text) == orig.encode(text)[0], text
         assert tok.tokenize(text) == [t.token for t in orig.tokenize(text)], text
     for text in PLAIN_TEXTS + ["𠀀𠀁 a 𠀂 𠀀𠀁 😀 <unk_1> <option_2>"]:
-        enc = tok(text)
+        # A plain string alone is encoded as transformers tokenizers do: its ids (unknown pieces as <unk>).
+        assert dict(tok(text)) == {"input_ids": tok.encode(text), "attention_mask": [1] * len(tok.encode(text))}
+        # Beside a CPM-Bee dict it is CPM-Bee text: its tokens with the original's ext numbering, segment 0.
+        enc = tok([text, {"a": ""}], return_tensors="pt", padding=True, padding_side="right")
         ids, subs, _, segs, _, _, _, _ = convert_data_to_id(orig, text, shuffle_answer=False)
         leaf = segs == 1
         expected = list(zip(ids[leaf].tolist(), subs[leaf].tolist()))[1:-1]  # drop <s> ... </s>
-        assert _pairs(enc["input_ids"][0], enc["ext_table_ids"][0], enc["ext_table_sub"][0]) == expected
-        assert not enc["segment_ids"].any() and enc["context_mask"].all()
-        assert enc["segment_rel"].tolist() == [[[0]]]
+        real = enc["attention_mask"][0].bool()
+        assert _pairs(enc["input_ids"][0][real], enc["ext_table_ids"][0], enc["ext_table_sub"][0]) == expected
+        assert not enc["segment_ids"][0].any() and enc["context_mask"][0][real].all()
+        assert enc["segment_rel"][0].tolist() == [[0] * 3 for _ in range(3)]
     assert [t.token for t in orig.tokenize("𠀀𠀁 a 😀")] == tok.tokenize("𠀀𠀁 a 😀")
     assert tok.encode("𠀀") == [1]
 
 
 def _check_training(tok, orig, items):
     """Training layout vs `convert_data_to_id` + the original collater (ext ids compared as (id, sub) pairs)."""
-    enc = tok(items, return_labels=True, padding_side="right")
+    enc = tok(items, return_labels=True, padding_side="right", return_tensors="pt", padding=True)
     ext_ids, ext_sub = enc["ext_table_ids"][0], enc["ext_table_sub"][0]
     batch = []
     for item in items:
@@ -297,31 +300,32 @@ def test_random_dicts_match_original(tok, orig, packer):
 
 def test_padding_options(tok):
     items = [{"a": "short", "<ans>": ""}, {"a": "a much longer context 长一点的", "<ans>": ""}]
-    left, right = tok(items), tok(items, padding_side="right")
+    left = tok(items, return_tensors="pt", padding=True)
+    right = tok(items, return_tensors="pt", padding=True, padding_side="right")
     for b in range(2):
         assert left["input_ids"][b][left["attention_mask"][b].bool()].tolist() == right["input_ids"][b][
             right["attention_mask"][b].bool()
         ].tolist()
     assert left["attention_mask"][0, 0] == 0 and right["attention_mask"][0, -1] == 0
-    assert tok(items, padding="max_length", max_length=40)["input_ids"].shape == (2, 40)
-    assert tok(items, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
-    as_lists = tok(items, return_tensors=None, padding=False)
+    assert tok(items, padding="max_length", max_length=40, return_tensors="pt")["input_ids"].shape == (2, 40)
+    assert tok(items, pad_to_multiple_of=8, padding=True, return_tensors="pt")["input_ids"].shape[1] % 8 == 0
+    as_lists = tok(items)  # the defaults: lists, no padding
     assert isinstance(as_lists["input_ids"][0], list) and len(as_lists["input_ids"][0]) < len(as_lists["input_ids"][1])
-    assert tok(items, return_tensors="np")["input_ids"].dtype == np.int64
+    assert tok(items, return_tensors="np", padding=True)["input_ids"].dtype == np.int64
     with pytest.raises(ValueError, match="padding=True"):
-        tok(items, padding=False)
+        tok(items, return_tensors="pt")
 
 
 def test_truncation_matches_original(tok, packer):
     item = {"<ans>": "", "q": "这是一个很长的问题" * 5}
-    enc = tok(item, truncation=True, max_length=12)
+    enc = tok(item, truncation=True, max_length=12, return_tensors="pt")
     padded, info = packer._process_list([copy.deepcopy(item)], max_inp_length=12)
     real = padded["context"][0] != 0
     assert enc["input_ids"][0, :-1].tolist() == padded["input_ids"][0][real].tolist()
     assert enc["segment_ids"][0, -1] == int(info[0]["predict_segments"][0][0])
     with pytest.raises(ValueError, match="no answer left"):
         tok({"q": "long question " * 10, "<ans>": ""}, truncation=True, max_length=10)
-    assert tok("abc def ghi", truncation=True, max_length=2)["input_ids"].shape == (1, 2)
+    assert tok("abc def ghi", truncation=True, max_length=2)["input_ids"] == tok.encode("abc def ghi")[:2]
 
 
 def test_decode_matches_original(tok, orig):
@@ -344,7 +348,7 @@ def test_decode_answers(tok, orig, packer):
         {"q": "选择", "<ans>": {"answer": "", "reason": {"short": "", "long": ""}}},
         {"q": "𠀁 only", "<ans>": "ignored"},
     ]
-    enc = tok(items)
+    enc = tok(items, return_tensors="pt", padding=True)
     _, info = packer._process_list(copy.deepcopy(items))
     table = zip(enc["ext_table_ids"][0].tolist(), enc["ext_table_sub"][0].tolist())
     ext_cols = {pair: V + column for column, pair in enumerate(table)}
@@ -418,7 +422,7 @@ def test_bad_inputs_more(tok):
         tok("a", text_pair="b")
     with pytest.raises(ValueError, match="unknown special token"):
         tok.tokenize("<nope_1>")
-    assert tok({"q": "x", "<ans>": None})["input_ids"].shape[1] > 0  # answer leaves may be None
+    assert len(tok({"q": "x", "<ans>": None})["input_ids"]) > 0  # answer leaves may be None
 
 
 def test_save_and_load(tok, tmp_path, vocab_file):
@@ -432,7 +436,7 @@ def test_save_and_load(tok, tmp_path, vocab_file):
     assert (loaded.pad_token_id, loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 6, 7)
     assert loaded.convert_tokens_to_ids("<ans>") == 9
     item = [GENERATION_ITEMS[7], GENERATION_ITEMS[14]]
-    a, b = tok(item), loaded(item)
+    a, b = tok(item, return_tensors="pt", padding=True), loaded(item, return_tensors="pt", padding=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -448,13 +452,83 @@ def test_auto_tokenizer(tok, tmp_path):
     assert auto.encode("你好，世界") == tok.encode("你好，世界")
 
 
-def test_speed(vocab_file, tok):
-    start = time.perf_counter()
-    CpmBeeTokenizer(vocab_file)
-    assert time.perf_counter() - start < 1.0
-    text = ("CPM-Bee 是一个百亿参数的中英双语基座模型 with mixed text 😀 <<x>>. " * 40)[:1000]
-    tok(text)
-    start = time.perf_counter()
-    for _ in range(5):
-        tok({"q": text, "<ans>": ""})
-    assert (time.perf_counter() - start) / 5 < 0.05
+# ------------------------------------------------------------------ transformers conventions (issue 13, 12-15)
+
+
+def test_defaults_follow_transformers(tok):
+    """Lists unless return_tensors, a single input not batched, no padding unless asked; dicts likewise."""
+    one = tok("a cat")
+    assert dict(one) == {"input_ids": tok.encode("a cat"), "attention_mask": [1] * len(tok.encode("a cat"))}
+    two = tok(["a cat", "the dog barks loudly"])
+    assert [len(ids) for ids in two["input_ids"]] == [len(tok.encode("a cat")), len(tok.encode("the dog barks loudly"))]
+    padded = tok(["a cat", "the dog barks loudly"], padding=True, return_tensors="pt")
+    assert padded["input_ids"].shape == (2, len(tok.encode("the dog barks loudly")))
+    assert padded["attention_mask"][0, 0] == 0  # left padding, the tokenizer's side
+    assert tok("a cat", return_tensors="pt")["input_ids"].tolist() == [tok.encode("a cat")]
+    item = {"q": "𠀀 and 𠀁", "<ans>": ""}
+    single, batched = tok(item), tok([item], return_tensors="pt")
+    assert single["input_ids"] == batched["input_ids"][0].tolist()
+    assert single["segment_rel"] == batched["segment_rel"][0].tolist()
+    assert single["ext_table_ids"] == batched["ext_table_ids"][0].tolist() and single["unk_allowed"] == 1
+    # A positional second argument is a text pair (refused: CPM-Bee reads one input), never return_tensors.
+    with pytest.raises(ValueError, match="text_pair is not supported"):
+        tok("a cat", "pt")
+    with pytest.raises(ValueError, match="text pairs are not supported"):
+        tok([("a", "b")])
+
+
+def test_added_tokens_are_matched(vocab_file):
+    tok = CpmBeeTokenizer(vocab_file)
+    assert tok.add_tokens(["[NEW]", "bambam"]) == 2 and tok.add_tokens(["<img_tag>"], special_tokens=True) == 1
+    new, bam, tag = (tok.convert_tokens_to_ids(t) for t in ("[NEW]", "bambam", "<img_tag>"))
+    assert (new, bam, tag) == (V, V + 1, V + 2) and len(tok) == tok.ext_offset == V + 3
+    pieces = tok.tokenize("a[NEW]bbambam <img_tag> <<img_tag>")
+    assert pieces[:6] == ["a", "[NEW]", "b", "bambam", " ", "<img_tag>"]
+    assert "".join(pieces[6:]) == " <img_tag>" and "<img_tag>" not in pieces[6:]  # `<<` escapes it
+    assert tok.decode(tok.encode("x [NEW] <img_tag>")) == "x [NEW] <img_tag>"
+    assert tok.decode(tok.encode("x <img_tag>"), skip_special_tokens=True) == "x "
+    # In CPM-Bee dicts too; ext ids then start after the added tokens (the model's resized vocabulary).
+    enc = tok({"q": "[NEW] 𠀀 𠀁", "<ans>": ""}, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    assert new in ids and tok.ext_offset in ids and enc["ext_table_ids"].tolist() == [[1]]
+    assert tok.decode_answers({"q": "[NEW] 𠀀 𠀁", "<ans>": ""}, [new, tok.ext_offset, tok.eos_token_id]) == {
+        "q": "[NEW] 𠀀 𠀁", "<ans>": "[NEW]𠀁"}
+    # New special tokens given at init are added (not refused) and matched.
+    custom = CpmBeeTokenizer(vocab_file, pad_token="[PAD]", extra_special_tokens=["[SEP_X]"])
+    assert custom.pad_token == "[PAD]" and custom.pad_token_id == V and custom.tokenize("a[SEP_X]b") == ["a", "[SEP_X]", "b"]
+    assert custom(["a", "a b c"], padding=True)["input_ids"][0][0] == V
+    assert custom.tokenize("a[SEP_X]b", split_special_tokens=True) != custom.tokenize("a[SEP_X]b")
+
+
+def test_optional_outputs_and_words(tok):
+    item = {"q": "你好", "<ans>": ""}
+    enc = tok([item, {"a": "b", "c": "d", "<ans>": ""}], padding=True, return_special_tokens_mask=True,
+              return_token_type_ids=True, return_length=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    special = {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}
+    assert enc["special_tokens_mask"].tolist() == [[int(int(i) in special) for i in row] for row in ids]
+    assert not enc["token_type_ids"].any() and enc["length"].tolist() == enc["attention_mask"].sum(1).tolist()
+    assert "attention_mask" not in tok(item, return_attention_mask=False)
+    for option in ("stride", "return_overflowing_tokens", "return_offsets_mapping", "is_split_into_words"):
+        with pytest.raises(ValueError, match=f"{option} applies to plain text only"):
+            tok(item, **{option: 2 if option == "stride" else True})
+    with pytest.raises(TypeError, match="bogus"):
+        tok(item, bogus=1)
+    # Words are encoded as the words of a sentence (each after a space), alone or in a batch.
+    words = ["Hello", "world", "你好", "𠀀"]
+    assert tok(words, is_split_into_words=True)["input_ids"] == tok.encode(" " + " ".join(words))
+    batch = tok([words, ["one"]], is_split_into_words=True)
+    assert batch["input_ids"] == [tok.encode(" " + " ".join(words)), tok.encode(" one")]
+    assert tok("Hello world", return_special_tokens_mask=True)["special_tokens_mask"] == [0, 0]
+
+
+def test_chat_template_on_plain_text(tok):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert text == "user: 你好\nassistant: hi\n"
+    ids = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
+    assert ids == tok.encode(text)
+    out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                  return_tensors="pt")
+    assert out["input_ids"].tolist() == [tok.encode(text)]

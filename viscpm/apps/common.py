@@ -113,9 +113,12 @@ def check_model(path: str, kind: str) -> str:
     return str(local)
 
 
-def load_image(path: str | os.PathLike):
-    """An RGB PIL image from a file, or a one-line error saying what is wrong with it."""
-    import PIL.Image
+def load_image(path: str | os.PathLike, image_processor=None) -> str:
+    """Check an image file by reading it the way VisCPM-Chat will: through the image processor's own loading
+    (``VisCPMImageProcessor.to_pil``: 16-bit, float and transparent images converted as ``chat(path)`` converts them).
+    Returns the path, for ``VisCPMChat.chat`` to read with its image processor, so that a file gives the same answer
+    through every app as through ``chat(path)``; a problem is a one-line error saying what is wrong."""
+    from viscpm.modeling.image_processing_viscpm import VisCPMImageProcessor
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -123,12 +126,10 @@ def load_image(path: str | os.PathLike):
     if path.is_dir():
         raise AppError(f"image {path} is a folder; pass an image file (PNG, JPEG, ...)")
     try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
-    except PIL.UnidentifiedImageError:
-        raise AppError(f"{path} is not an image PIL can read; pass a PNG, JPEG, WebP, ... file") from None
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt image data
-        raise AppError(f"cannot read image {path} ({first_line(error)}); the file may be truncated") from None
+        (image_processor or VisCPMImageProcessor()).to_pil(str(path))
+    except (ValueError, OSError) as error:  # unreadable, truncated, too large, ...
+        raise AppError(f"cannot read image {path}: {first_line(error)}") from None
+    return str(path)
 
 
 def load_chat(path: str, dtype: str | None = None, device: str | None = None, variant: str | None = None,
@@ -223,7 +224,7 @@ def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: i
                       generator=generator, output_type="pil")
     except ValueError as error:  # sizes and other values the pipeline refuses
         raise AppError(first_line(error)) from None
-    if any(output.prompt_refused or []):
+    if any(getattr(output, "prompt_refused", None) or []):  # a VisCPMPaint with a prompt checker
         raise AppError("the prompt checker refused this prompt; rephrase it")
     flagged = output.nsfw_content_detected or [False] * len(output.images)
     return output.images, [bool(flag) for flag in flagged]

@@ -19,7 +19,7 @@ from typing import Any
 
 from viscpm.chat import ChatSession
 
-from .common import AppError, decoding_options, load_chat, load_paint, paint_images
+from .common import AppError, decoding_options, load_chat, load_image, load_paint, paint_images
 
 __all__ = ["DECODINGS", "build_app", "serve"]
 
@@ -32,8 +32,10 @@ _FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 _MONO = ["ui-monospace", "monospace"]
 
 
-def _image_key(image) -> str:
-    return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+def _image_key(path: str) -> str:
+    """The same picture gives the same key (the uploaded file's bytes), whatever temporary file gradio made."""
+    with open(path, "rb") as handle:
+        return hashlib.sha1(handle.read()).hexdigest()
 
 
 def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 50):
@@ -51,7 +53,10 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
             options = decoding_options(DECODINGS.get(decoding, "beam"), max_new_tokens=max_new_tokens)
         except AppError as error:
             raise gr.Error(str(error)) from None
-        image = image.convert("RGB")
+        try:  # the uploaded file as it is, read by the image processor (as `chat(path)` reads it)
+            image = load_image(image, chat.processor.image_processor)
+        except AppError as error:
+            raise gr.Error(str(error)) from None
         key = _image_key(image)
         session = ChatSession(chat, image, **options)
         if state and state.get("image") == key:
@@ -89,8 +94,9 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
         with gr.Tab("Chat"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"],
-                                     elem_id="chat-image")
+                    # The file as uploaded (no conversion by gradio): the image processor reads it, as chat() does.
+                    image = gr.Image(type="filepath", image_mode=None, label="Image",
+                                     sources=["upload", "clipboard"], elem_id="chat-image")
                     decoding = gr.Radio(list(DECODINGS), value=next(iter(DECODINGS)), label="Decoding")
                 with gr.Column(scale=2):
                     chatbot = gr.Chatbot(label="Conversation", render_markdown=False, allow_tags=False,
