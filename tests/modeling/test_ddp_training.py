@@ -53,6 +53,7 @@ if rank == 0:
     json.dump({"loss": float(loss), "missing": missing, "same": bool(torch.equal(gathered[0], gathered[1])),
                "moved": len(moved), "trainable": sum(p.requires_grad for p in model.parameters())},
               open(out_path, "w"))
+dist.barrier()  # both ranks are done before the group goes away (one closing early can abort the other's gloo)
 dist.destroy_process_group()
 """
 
