@@ -6,9 +6,15 @@
   (the answer's ``<s>`` included, ext tokens counted by their base id), not over the prompt.
 * `cpmbee_beam_search`: the original beam search, step for step: temperature inside beam search, the top
   ``2 * beams`` candidates per step, hypotheses scored ``sum_logprob / len ** length_penalty``, several
-  answer segments filled one after another, and the original's length limit and stopping rule.
-* `CpmBeeStaticDecoder`: the decode step of that search over preallocated buffers, with every shape fixed for
-  the whole answer, so the step can be compiled once or replayed as a CUDA graph (``decode_mode``).
+  answer segments filled one after another, and the original's length limit and stopping rule. Its loop
+  (`run_beam_search`) drives a decoder object (`CpmBeeDecoder`: ``prefill``, ``step``, ``reorder``) and chooses
+  the next beams in `select_candidates`; `OriginalSearch` reads its settings from a generation config and builds
+  transformers' output classes from what it found (VisCPM-Chat's ``generate()``).
+* Decoders: `CpmBeeDynamicDecoder` (a growing `DynamicCache`, the reference) and `CpmBeeStaticDecoder` (the decode
+  step over preallocated buffers, with every shape fixed for the whole answer, so the step can be compiled once or
+  replayed as a CUDA graph: ``decode_mode``).
+* Argument checks (``check_*``): a bad generation argument is a clear error before any work, and the static
+  buffers are refused before they are allocated when they exceed the memory the process can get.
 
 The standard ``model.generate()`` (greedy, sampling, transformers' beam search) remains available; these
 pieces are what VisCPM-Chat uses to give the same answer as the original for the same checkpoint.
