@@ -6,6 +6,7 @@ with `VisCPMChat.chat` / the pipeline called in-process on the same folders.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from viscpm.apps.common import decoding_options, load_chat, load_paint, paint_im
 from viscpm.apps.demo import build_tiny_models
 
 TOKENS = 6
+QUESTION_ZH = "这张图片里有什么？"
 BUILD = Path(__file__).resolve().parents[2] / "build"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -124,12 +126,20 @@ def test_api_chat_turns_and_paint(server, library_chat):
     assert more[1]["caption"] == "一只猫"
 
 
+def _cjk_fonts() -> str:
+    result = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
 def test_browser_upload_ask_and_see_the_answer(server, library_chat):
+    """Upload, ask in Chinese, read the answer on the page; the screenshot (build/web-chat.png) shows the Chinese
+    question and answer, which needs a CJK font (Debian's fonts-noto-cjk, installed by `bash .ci/run`)."""
     from playwright.sync_api import expect, sync_playwright
 
+    assert _cjk_fonts(), "no CJK font: the screenshot would show boxes; apt-get install fonts-noto-cjk"
     expected = library_chat.processor.tokenizer.unescape(
-        library_chat.chat(_image(server["image"]), "What do you see?", max_new_tokens=TOKENS).answer).strip()
-    assert expected
+        library_chat.chat(_image(server["image"]), QUESTION_ZH, max_new_tokens=TOKENS).answer).strip()
+    assert re.search("[\u4e00-\u9fff]", expected), expected  # the answer has Chinese to show
     BUILD.mkdir(exist_ok=True)
     screenshot = BUILD / "web-chat.png"
     with sync_playwright() as playwright:
@@ -139,10 +149,10 @@ def test_browser_upload_ask_and_see_the_answer(server, library_chat):
             page.goto(server["url"])
             page.locator("#chat-image input[type=file]").set_input_files(str(server["image"]))
             expect(page.locator("#chat-image img").first).to_be_visible(timeout=30_000)
-            page.locator("#question textarea").fill("What do you see?")
+            page.locator("#question textarea").fill(QUESTION_ZH)
             page.locator("#send").click()
             chatbot = page.locator("#chatbot")
-            expect(chatbot).to_contain_text("What do you see?", timeout=30_000)
+            expect(chatbot).to_contain_text(QUESTION_ZH, timeout=30_000)
             expect(chatbot).to_contain_text(expected, timeout=60_000)
             page.screenshot(path=str(screenshot), full_page=True)
         finally:

@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
+import logging
 import os
+import random
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from viscpm.conversion.common import ScriptArgumentParser, first_line
@@ -49,6 +53,8 @@ CONVERTERS = {
     "cpmbee": ("convert_cpmbee", "an original CPM-Bee checkpoint"),
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUIET_LIBRARIES = ("transformers", "diffusers")
+"""Libraries whose warnings and info logs the commands hide unless ``--debug``."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,8 +160,6 @@ def _image_format(path: Path) -> str:
 
 
 def cmd_paint(args) -> int:
-    import random
-
     output = Path(args.output).expanduser()
     _image_format(output)
     if not output.parent.is_dir():
@@ -390,34 +394,46 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("viscpm-hf")
-    except Exception:
+        return importlib.metadata.version("viscpm-hf")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
 @contextlib.contextmanager
 def _quiet_libraries(quiet: bool = True):
-    """Hide library warnings and info logs while a command runs (``--debug`` keeps them); restored after."""
+    """Hide library warnings and info logs while a command runs (``--debug`` keeps them); restored after.
+
+    Nothing is imported for it: a library already loaded gets its root logger's level set, and one that a command
+    loads later reads its ``<NAME>_VERBOSITY`` variable when it sets up its logging.
+    """
     if not quiet:
         yield
         return
-    import warnings
-
-    import diffusers
-    import transformers
-
-    levels = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-        try:
+    saved_env = {name: os.environ.get(_verbosity_variable(name)) for name in QUIET_LIBRARIES}
+    loaded = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES if name in sys.modules}
+    for name in QUIET_LIBRARIES:
+        os.environ[_verbosity_variable(name)] = "error"
+        if name in loaded:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
-        finally:
-            transformers.logging.set_verbosity(levels[0])
-            diffusers.utils.logging.set_verbosity(levels[1])
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(_verbosity_variable(name), None)
+            else:
+                os.environ[_verbosity_variable(name)] = value
+            if name in loaded:
+                logging.getLogger(name).setLevel(loaded[name])
+            elif name in sys.modules:  # loaded by the command: the level it would have chosen by itself
+                level = logging.getLevelName((value or "warning").upper())
+                logging.getLogger(name).setLevel(level if isinstance(level, int) else logging.WARNING)
+
+
+def _verbosity_variable(library: str) -> str:
+    return f"{library.upper()}_VERBOSITY"
 
 
 def main(argv: list[str] | None = None) -> int:

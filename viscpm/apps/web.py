@@ -17,9 +17,13 @@ import hashlib
 import os
 from typing import Any
 
-from viscpm.chat import ChatSession
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
-from .common import AppError, decoding_options, load_chat, load_paint, paint_images
+import gradio as gr  # noqa: E402
+
+from viscpm.chat import ChatSession  # noqa: E402
+
+from .common import AppError, decoding_options, load_chat, load_paint, paint_images  # noqa: E402
 
 __all__ = ["DECODINGS", "build_app", "serve"]
 
@@ -38,8 +42,6 @@ def _image_key(image) -> str:
 
 def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 50):
     """The gradio `Blocks` app around a loaded `VisCPMChat` and `VisCPMPaintPipeline`."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
 
     def respond(image, question: str, history: list | None, decoding: str, state: dict | None):
         history = list(history or [])
@@ -126,7 +128,6 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
 def serve(model_chat: str, model_paint: str, host: str = "127.0.0.1", port: int = 7860, dtype: str | None = None,
           device: str | None = None, max_new_tokens: int | None = None, paint_steps: int | None = None) -> None:
     """Load both models, build the app and serve it until interrupted."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     chat = load_chat(model_chat, dtype, device)
     pipe = load_paint(model_paint, dtype, device, progress=False)
     if paint_steps is None:
