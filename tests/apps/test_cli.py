@@ -75,30 +75,9 @@ def setup(tmp_path_factory, vocab_file):
                     "runs": results, "vocab_file": vocab_file, "convert_args": convert_args}
 
 
-class _Result:
-    """`main(argv)` run in-process, shaped like `subprocess.CompletedProcess`."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
-def run_main(capsys, setup, monkeypatch):
-    from viscpm.apps.cli import main
-
-    monkeypatch.chdir(setup["root"])
-
-    def run(*args, stdin=None):
-        capsys.readouterr()
-        if stdin is not None:
-            import io
-
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        status = main([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return _Result(status, out, err)
-
-    return run
+def run_main(cli_main, setup):
+    return lambda *args, stdin=None: cli_main(setup["root"], *args, stdin=stdin)
 
 
 def _ok(result):

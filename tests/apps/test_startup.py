@@ -74,6 +74,7 @@ CASES = [  # (argv, exit status); MODEL, PAINT and IMAGE are replaced by paths
     (["chat", "MODEL"], 2),
     (["chat", "MODEL", "--image", "IMAGE", "   "], 2),
     (["chat", "MODEL", "--image", "IMAGE", "q", "--greedy", "--num-beams", "2"], 2),
+    (["chat", "MODEL", "--image", "IMAGE", "q", "--seed", str(2**70)], 2),
     (["paint", "PAINT", "a cat", "--size", "30"], 2),
     (["paint", "PAINT", "a cat", "-o", "cat.bmpx"], 2),
     (["serve", "MODEL"], 2),
