@@ -417,7 +417,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if extras:
         hint = ""
         if args.command == "chat" and args.question is None and extras[0].startswith("-"):
-            hint = f"; a question that starts with '-' goes last, after --: viscpm chat MODEL --image IMG -- {extras[0]!r}"
+            hint = (f"; a question that starts with '-' goes last, after --: viscpm chat MODEL --image IMG -- "
+                    f"{extras[0]!r}")
         parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     return args
 

@@ -191,7 +191,8 @@ def check_address(host: str, port: int) -> None:
             sock.bind(address)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise AppError(f"port {port} is in use on {host}; pick another --port, or stop what listens there") from None
+                raise AppError(f"port {port} is in use on {host}; pick another --port, or stop what listens "
+                               "there") from None
             if error.errno == errno.EADDRNOTAVAIL:
                 raise AppError(f"--host {host} is not an address of this machine; {fix}", EXIT_USAGE) from None
             if error.errno == errno.EACCES:
