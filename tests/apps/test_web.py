@@ -250,9 +250,9 @@ WEB_ERRORS = [  # (endpoint, arguments: "IMAGE" is an image file, what the error
     ("/chat", ["IMAGE", "q", [], "nonsense"], "nonsense"),
     ("/chat", ["IMAGE", "q", [_text_message("system", "be brief")], "greedy (streamed)"], "no system prompt"),
     ("/chat", ["IMAGE", "q", [_text_message("assistant", "hi")], "greedy (streamed)"], "expected 'user'"),
-    ("/chat", ["IMAGE", "a " * 4000, [], "greedy (streamed)"], "over max_length=3000"),
+    ("/chat", ["IMAGE", "a " * 4000, [], "greedy (streamed)"], "over max_prompt_length=3000"),
     ("/chat", ["IMAGE", "q", [_text_message("user", "a " * 4000), _text_message("assistant", "b")],
-               "beam search (original)"], "over max_length=3000"),
+               "beam search (original)"], "over max_prompt_length=3000"),
     ("/paint", ["a cat", "", -1, 3], "the seed must be a whole number at least 0"),
     ("/paint", ["a cat", "", 2**70, 3], "the seed must be a whole number at least 0 and at most 9223372036854775807"),
     ("/paint", ["a cat", "", 1, 0], "Value 0 is less than minimum value 1"),  # gradio's own check of the slider
