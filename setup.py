@@ -16,6 +16,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["viscpm", "viscpm.adapters", "viscpm.apps", "viscpm.modeling", "viscpm.conversion"],
+    # The console script's entry point: it handles Ctrl-C before `import viscpm` (seconds) begins.
+    py_modules=["viscpm_cli"],
     package_dir={"viscpm": "viscpm", "viscpm.modeling": "modeling", "viscpm.conversion": "conversion"},
     install_requires=[
         "torch>=2.4",
@@ -59,5 +61,5 @@ setup(
             "torchsde",
         ],
     },
-    entry_points={"console_scripts": ["viscpm=viscpm.apps.cli:main"]},
+    entry_points={"console_scripts": ["viscpm=viscpm_cli:main"]},
 )

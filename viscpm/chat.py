@@ -186,6 +186,29 @@ class VisCPMChat:
         return flags
 
 
+class _StopWhenSet:
+    """A stopping criterion: every sequence is done once ``event`` is set (the reader of a stream has left)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _join(worker: threading.Thread) -> None:
+    """Wait for ``worker``; a second Ctrl-C meanwhile is raised once it has ended (a thread still inside torch
+    when Python exits aborts the process)."""
+    interrupt = None
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt as error:
+            interrupt = error
+    if interrupt is not None:
+        raise interrupt
+
+
 class _UnescapedText:
     """The tokenizer as the streamer sees it: decoded text comes out as plain text (``<<`` back to ``<``)."""
 
@@ -241,8 +264,9 @@ class ChatSession:
 
     def stream(self, question: str) -> Iterator[str]:
         """Yield the answer to ``question`` piece by piece as it is generated (in one piece when the decoding
-        cannot stream); the history is updated once the answer is complete."""
-        from transformers import TextIteratorStreamer
+        cannot stream); the history is updated once the answer is complete. A caller that stops reading (an
+        error, Ctrl-C, a closed generator) stops the generation too, at its next step."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         self._check(question)
         if not self.streams:
@@ -252,21 +276,26 @@ class ChatSession:
         table = processor.tokenizer.get_ext_tables(processor.build_prompt(question, self.context))
         streamer = TextIteratorStreamer(_UnescapedText(processor.tokenizer), skip_prompt=True,
                                         skip_special_tokens=True, ext_table=table)
+        stop = threading.Event()
+        criteria = StoppingCriteriaList([*self.options.get("stopping_criteria", []), _StopWhenSet(stop)])
         result: dict[str, Any] = {}
 
         def generate():
             try:
-                result["response"] = self._chat(question, streamer=streamer)
+                result["response"] = self._chat(question, streamer=streamer, stopping_criteria=criteria)
             except BaseException as error:  # re-raised in the caller's thread
                 result["error"] = error
                 streamer.end()
 
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        worker.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            _join(worker)
         if "error" in result:
             raise result["error"]
         self._store(question, result["response"])
@@ -279,7 +308,7 @@ class ChatSession:
 
     def _chat(self, question: str, **extra):
         return self.chat.chat(self.image, question, context=self.context,
-                              vision_hidden_states=self.vision_hidden_states, **self.options, **extra)
+                              vision_hidden_states=self.vision_hidden_states, **{**self.options, **extra})
 
     def _store(self, question: str, response) -> str:
         self.context, self.vision_hidden_states = response.context, response.vision_hidden_states

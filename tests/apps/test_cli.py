@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from viscpm.apps.common import decoding_options, load_chat, load_paint, paint_images
-from viscpm.apps.demo import RANDOM_NOTE, build_tiny_models
+from viscpm.apps.demo import build_tiny_models
 from viscpm.chat import ChatSession
 
 QUESTION = "What is <b>this</b>? <ans>"
@@ -61,8 +61,6 @@ def setup(tmp_path_factory, vocab_file):
         "paint": ["paint", paint_dir, "一只猫 <cat>", "-o", root / "cat.png", "--steps", "3", "--seed", "7",
                   "--num-images", "2", "--negative", "模糊", "--size", "32"],
         "convert": ["convert", "chat", *convert_args, "--output-dir", root / "converted"],
-        "demo": ["demo", "--output-dir", root / "demo", "--vocab-file", vocab_file, "--steps", "2",
-                 "--max-new-tokens", "4"],
     }
 
     def run(item):
@@ -77,30 +75,9 @@ def setup(tmp_path_factory, vocab_file):
                     "runs": results, "vocab_file": vocab_file, "convert_args": convert_args}
 
 
-class _Result:
-    """`main(argv)` run in-process, shaped like `subprocess.CompletedProcess`."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
-def run_main(capsys, setup, monkeypatch):
-    from viscpm.apps.cli import main
-
-    monkeypatch.chdir(setup["root"])
-
-    def run(*args, stdin=None):
-        capsys.readouterr()
-        if stdin is not None:
-            import io
-
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        status = main([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return _Result(status, out, err)
-
-    return run
+def run_main(cli_main, setup):
+    return lambda *args, stdin=None: cli_main(setup["root"], *args, stdin=stdin)
 
 
 def _ok(result):
@@ -292,25 +269,6 @@ def test_convert_missing_checkpoint(setup, run_main):
 
 
 # ------------------------------------------------------------------------------------------------------------- demo
-
-
-def test_demo_builds_converts_paints_and_chats(setup):
-    result = _ok(setup["runs"]["demo"])
-    demo = setup["root"] / "demo"
-    assert RANDOM_NOTE in result.stdout
-    for name in ("original/chat/viscpm_chat_tiny.pt", "original/paint/viscpm_paint_tiny.pt",
-                 "viscpm-chat-tiny/config.json", "viscpm-chat-tiny/processor_config.json",
-                 "viscpm-paint-tiny/model_index.json", "painting.png", "chat.txt"):
-        assert (demo / name).is_file(), name
-    assert PIL.Image.open(demo / "painting.png").size == (64, 64)
-    transcript = (demo / "chat.txt").read_text(encoding="utf-8")
-    assert "RANDOM" in transcript and transcript.count("User: ") == 2 and transcript.count("AI: ") == 2
-    # What it printed is what the converted folder answers about the painting it wrote.
-    chat = load_chat(str(demo / "viscpm-chat-tiny"), device="cpu")
-    question = transcript.split("User: ")[1].split("\n")[0]
-    answer = chat.processor.tokenizer.unescape(chat.chat(_image(demo / "painting.png"), question,
-                                                         max_new_tokens=4).answer)
-    assert f"AI: {answer}\n" in transcript
 
 
 def test_demo_usage_error(run_main):

@@ -7,8 +7,9 @@
     viscpm serve MODEL_CHAT MODEL_PAINT [--port N]  # the gradio web app
     viscpm push DIR REPO_ID [...]                   # upload to the Hugging Face Hub (conversion/push_to_hub.py)
 
-Exit status: 0 ok, 1 runtime error, 2 usage error (130 when interrupted). Errors are one line on stderr that
-says what to do; ``--debug`` (anywhere on the line) shows the traceback instead.
+Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C). Errors are one line on stderr
+that says what to do; ``--debug`` (anywhere before a ``--``) shows the traceback too. Ctrl-C ends any command with
+one line, ``interrupted``, and leaves no partial output file.
 
 Heavy imports (torch, transformers, gradio) happen inside the commands, so that usage errors and ``--help``
 do not pay for what they do not use beyond the package import itself.
@@ -19,10 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
+import logging
 import os
+import random
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from viscpm.conversion.common import ScriptArgumentParser, first_line
@@ -32,8 +37,11 @@ from .common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    SEED_MAX,
     AppError,
+    atomic_files,
     check_model,
+    check_number,
     decoding_options,
     load_chat,
     load_image,
@@ -49,6 +57,8 @@ CONVERTERS = {
     "cpmbee": ("convert_cpmbee", "an original CPM-Bee checkpoint"),
 }
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUIET_LIBRARIES = ("transformers", "diffusers")
+"""Libraries whose warnings and info logs the commands hide unless ``--debug``."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,44 +66,78 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _print_piece(piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
+class _Answers:
+    """stdout for answers printed as they are generated; it knows when the last line is unfinished, so that an
+    error or Ctrl-C in the middle of an answer still ends that line."""
+
+    line_open = False
+
+    def write(self, piece: str) -> None:
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            self.line_open = not piece.endswith("\n")
+
+    def end_line(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.line_open = False
 
 
-def _interactive(session, image_path: str) -> None:
+_ANSWERS = _Answers()
+MAX_LINE = 100_000
+"""The longest line the multi-turn session reads (in characters): more than any prompt can hold (3000 tokens of at
+most 32 characters each)."""
+
+
+def _read_line() -> str | None:
+    """The session's next line from stdin (None at its end); a line over `MAX_LINE` is skipped, as an error."""
+    line = sys.stdin.readline(MAX_LINE + 1)
+    if not line:
+        return None
+    if len(line.rstrip("\n")) > MAX_LINE:
+        while line and not line.endswith("\n"):
+            line = sys.stdin.readline(MAX_LINE)
+        raise AppError(f"that line is over {MAX_LINE} characters, more than a question can be; ask a shorter one")
+    return line
+
+
+def _turn(session, text: str) -> bool:
+    """Act on one line of the multi-turn session; False ends the session."""
+    if text in ("/exit", "/quit"):
+        return False
+    if text == "/reset":
+        session.reset()
+        print("(history cleared)", file=sys.stderr)
+    elif text == "/image" or text.startswith("/image "):
+        path = text[len("/image"):].strip()
+        if not path:
+            raise AppError("/image needs a path: /image photo.jpg")
+        session.set_image(load_image(path))
+        print(f"(now chatting about {path}; history cleared)", file=sys.stderr)
+    elif text.startswith("/") and " " not in text:
+        raise AppError(f"unknown command {text}; use /image PATH, /reset or /exit")
+    elif text:
+        session.ask(text, _ANSWERS.write)
+        _ANSWERS.end_line()
+    return True
+
+
+def _interactive(session, image_path: str, debug: bool) -> None:
     tty = sys.stdin.isatty()
     if tty:
         print(f"chatting about {image_path}; /image PATH for another image, /reset to forget, /exit to leave",
               file=sys.stderr)
     while True:
         if tty:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        question = line.strip()
-        if not question:
-            continue
-        if question in ("/exit", "/quit"):
-            break
+            _ANSWERS.write("> ")
         try:
-            if question == "/reset":
-                session.reset()
-                print("(history cleared)", file=sys.stderr)
-            elif question.startswith("/image"):
-                path = question[len("/image"):].strip()
-                if not path:
-                    raise AppError("/image needs a path: /image photo.jpg")
-                session.set_image(load_image(path))
-                print(f"(now chatting about {path}; history cleared)", file=sys.stderr)
-            elif question.startswith("/") and " " not in question:
-                raise AppError(f"unknown command {question}; use /image PATH, /reset or /exit")
-            else:
-                session.ask(question, _print_piece)
-                print()
-        except (AppError, ValueError) as error:  # a bad turn does not end the session
-            print(f"error: {error}", file=sys.stderr)
+            line = _read_line()
+            _ANSWERS.line_open = False  # the user's Enter ended the prompt's line
+            if line is None or not _turn(session, line.strip()):
+                break
+        except Exception as error:  # a bad turn ends that turn, not the session
+            _report(error, debug, plain=(AppError, ValueError))
 
 
 def cmd_chat(args) -> int:
@@ -113,12 +157,12 @@ def cmd_chat(args) -> int:
 
     session = ChatSession(chat, image, **options)
     if args.question is None:
-        _interactive(session, args.image)
+        _interactive(session, args.image, args.debug)
         return EXIT_OK
-    session.ask(args.question, None if args.no_stream else _print_piece)
+    session.ask(args.question, None if args.no_stream else _ANSWERS.write)
     if args.no_stream:
-        sys.stdout.write(session.turns[-1][1])
-    print()
+        _ANSWERS.write(session.turns[-1][1])
+    _ANSWERS.end_line()
     return EXIT_OK
 
 
@@ -133,16 +177,6 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(1, count + 1)]
 
 
-def _save_atomically(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        image.save(tmp, format=_image_format(path))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _image_format(path: Path) -> str:
     import PIL.Image
 
@@ -154,18 +188,19 @@ def _image_format(path: Path) -> str:
 
 
 def cmd_paint(args) -> int:
-    import random
-
     output = Path(args.output).expanduser()
-    _image_format(output)
+    fmt = _image_format(output)
     if not output.parent.is_dir():
         raise AppError(f"cannot write {output}: folder {output.parent} does not exist")
     pipe = load_paint(args.model, args.dtype, args.device, variant=args.variant)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     images, flagged = paint_images(pipe, args.prompt, args.negative, args.steps, seed, args.size, args.num_images,
                                    args.guidance_scale)
-    for path, image, bad in zip(_output_paths(output, len(images)), images, flagged):
-        _save_atomically(image, path)
+    paths = _output_paths(output, len(images))
+    with atomic_files(paths) as temps:  # all pictures or none
+        for image, temp in zip(images, temps):
+            image.save(temp, format=fmt)
+    for path, bad in zip(paths, flagged):
         note = " (flagged by the safety checker: blacked out)" if bad else ""
         print(f"wrote {path}{note}")
     print(f"seed {seed}", file=sys.stderr)
@@ -218,37 +253,30 @@ def cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(kind: type = int, **bounds):
+    """An argparse type: the text as a finite ``kind`` within ``bounds`` (see `check_number`)."""
+
+    def parse(text: str):
+        try:
+            return check_number(text, "", kind, **bounds)
+        except AppError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+_positive_int = _number(low=1)
+_seed = _number(low=0, high=SEED_MAX)
+_port = _number(low=1, high=65535)
+_positive_float = _number(float, above=0)
+_probability = _number(float, above=0, high=1)
+_finite_float = _number(float)
 
 
 def _image_size(text: str) -> int:
     value = _positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -270,10 +298,10 @@ def _chat_parser(commands, parents) -> argparse.ArgumentParser:
     chat.add_argument("--num-beams", type=_positive_int, help="beams (default: the folder's, 3)")
     chat.add_argument("--max-new-tokens", type=_positive_int, help="longest answer (default: the folder's, 512)")
     chat.add_argument("--temperature", type=_positive_float, help="softmax temperature")
-    chat.add_argument("--top-p", type=_positive_float, help="nucleus sampling threshold (with --sample)")
+    chat.add_argument("--top-p", type=_probability, help="nucleus sampling threshold, in (0, 1] (with --sample)")
     chat.add_argument("--top-k", type=_positive_int, help="top-k sampling (with --sample)")
     chat.add_argument("--repetition-penalty", type=_positive_float, help="default: the folder's, 1.1")
-    chat.add_argument("--seed", type=int, help="random seed (for --sample)")
+    chat.add_argument("--seed", type=_seed, help="random seed (for --sample)")
     chat.add_argument("--decode-mode", choices=["dynamic", "static", "compile", "cuda_graph"],
                       help="decode step of the beam search: fixed-shape buffers (static), compiled, or a CUDA graph "
                            "(default: dynamic)")
@@ -292,11 +320,11 @@ def _paint_parser(commands, parents) -> argparse.ArgumentParser:
                        help="image file to write (default: %(default)s; NAME-1.png, NAME-2.png, ... for several)")
     paint.add_argument("--negative", help="what the picture should not have")
     paint.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
-    paint.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    paint.add_argument("--seed", type=_seed, help="random seed (default: a random one, printed)")
     paint.add_argument("--size", type=_image_size, help="width and height in pixels, a multiple of 8 "
                                                           "(default: the model's, 512)")
     paint.add_argument("--num-images", type=_positive_int, default=1, help="default: %(default)s")
-    paint.add_argument("--guidance-scale", type=float, default=7.5, help="default: %(default)s")
+    paint.add_argument("--guidance-scale", type=_finite_float, default=7.5, help="default: %(default)s")
     paint.set_defaults(func=cmd_paint)
     return paint
 
@@ -324,7 +352,7 @@ def _demo_parser(commands, parents) -> argparse.ArgumentParser:
     demo.add_argument("--chat-model", help="a converted VisCPM-Chat folder to use instead of a tiny random one")
     demo.add_argument("--paint-model", help="a converted VisCPM-Paint folder to use instead of a tiny random one")
     demo.add_argument("--device", help="cpu, cuda, ... (default: cuda when available, else cpu)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the painting")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of the painting")
     demo.add_argument("--steps", type=_positive_int, default=10, help="denoising steps (default: %(default)s)")
     demo.add_argument("--size", type=_image_size, help="picture size in pixels (default: 64 for the tiny "
                                                          "model, the model's own otherwise)")
@@ -377,86 +405,129 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; a chat QUESTION may also come after the options (``chat MODEL --image X "why?"``), which
-    plain argparse does not match to an optional positional."""
+    """Parse ``argv``; a chat QUESTION may also come after the options (``chat MODEL --image X "why?"``), and after
+    ``--`` when it starts with ``-``, which plain argparse does not match to an optional positional."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and args.command == "chat" and args.question is None and not extras[0].startswith("-"):
-        args.question, extras = extras[0], extras[1:]
+    if extras and args.command == "chat" and args.question is None:
+        if extras[0] == "--" and len(extras) > 1:
+            args.question, extras = extras[1], extras[2:]
+        elif not extras[0].startswith("-"):
+            args.question, extras = extras[0], extras[1:]
     if extras:
-        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extras)}")
+        hint = ""
+        if args.command == "chat" and args.question is None and extras[0].startswith("-"):
+            hint = (f"; a question that starts with '-' goes last, after --: viscpm chat MODEL --image IMG -- "
+                    f"{extras[0]!r}")
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     return args
 
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("viscpm-hf")
-    except Exception:
+        return importlib.metadata.version("viscpm-hf")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
 @contextlib.contextmanager
 def _quiet_libraries(quiet: bool = True):
-    """Hide library warnings and info logs while a command runs (``--debug`` keeps them); restored after."""
+    """Hide library warnings and info logs while a command runs (``--debug`` keeps them); restored after.
+
+    Nothing is imported for it: a library already loaded gets its root logger's level set, and one that a command
+    loads later reads its ``<NAME>_VERBOSITY`` variable when it sets up its logging.
+    """
     if not quiet:
         yield
         return
-    import warnings
-
-    import diffusers
-    import transformers
-
-    levels = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-        try:
+    saved_env = {name: os.environ.get(_verbosity_variable(name)) for name in QUIET_LIBRARIES}
+    loaded = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES if name in sys.modules}
+    for name in QUIET_LIBRARIES:
+        os.environ[_verbosity_variable(name)] = "error"
+        if name in loaded:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
-        finally:
-            transformers.logging.set_verbosity(levels[0])
-            diffusers.utils.logging.set_verbosity(levels[1])
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(_verbosity_variable(name), None)
+            else:
+                os.environ[_verbosity_variable(name)] = value
+            if name in loaded:
+                logging.getLogger(name).setLevel(loaded[name])
+            elif name in sys.modules:  # loaded by the command: the level it would have chosen by itself
+                level = logging.getLevelName((value or "warning").upper())
+                logging.getLogger(name).setLevel(level if isinstance(level, int) else logging.WARNING)
+
+
+def _verbosity_variable(library: str) -> str:
+    return f"{library.upper()}_VERBOSITY"
+
+
+def _report(error: BaseException, debug: bool = False, plain: tuple[type, ...] = (AppError,)) -> None:
+    """One line on stderr for ``error`` (its traceback first with ``--debug``): the message of the ``plain``
+    errors, which say what to do; the type and the first line of any other."""
+    if _ANSWERS.line_open:
+        _ANSWERS.end_line()
+    if debug:
+        traceback.print_exception(error)
+    if isinstance(error, plain):
+        message = str(error)
+    else:
+        message = f"{type(error).__name__}: {first_line(error)[:500]}"
+        if not debug:
+            message += " (run again with --debug for the traceback)"
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: close the progress bars and the answer line left open, then one line."""
+    if "tqdm" in sys.modules:
+        for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", ())):
+            bar.close()
+    if _ANSWERS.line_open:
+        _ANSWERS.end_line()
+    print("interrupted", file=sys.stderr, flush=True)
+
+
+def _without_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (wherever it is before a ``--``), and whether it was there."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    own = [arg for arg in argv[:end] if arg != "--debug"]
+    return own + argv[end:], len(own) < end
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    if argv[:1] == ["convert"] and len(argv) > 1 and argv[1] in CONVERTERS:
+        # `viscpm convert KIND ...`: everything after KIND belongs to the conversion script.
+        with _quiet_libraries(not debug):
+            return run_script(CONVERTERS[argv[1]][0], argv[2:], f"viscpm convert {argv[1]}")
+    if argv[:1] == ["push"]:
+        with _quiet_libraries(not debug):
+            return run_script("push_to_hub", argv[1:], "viscpm push")
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors
+        return _status(exit_.code)
+    args.debug = debug
+    with _quiet_libraries(not debug):
+        return _status(args.func(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    argv, debug = _without_debug(list(sys.argv[1:] if argv is None else argv))
     try:
-        try:
-            # `viscpm convert KIND ...`: everything after KIND belongs to the conversion script.
-            positions = [i for i, arg in enumerate(argv) if arg != "--debug"]
-            if len(positions) >= 2 and argv[positions[0]] == "convert" and argv[positions[1]] in CONVERTERS:
-                kind = argv[positions[1]]
-                script_argv = [arg for arg in argv[positions[1] + 1:] if arg != "--debug"]
-                with _quiet_libraries(not debug):
-                    return run_script(CONVERTERS[kind][0], script_argv, f"viscpm convert {kind}")
-            if positions and argv[positions[0]] == "push":
-                with _quiet_libraries(not debug):
-                    return run_script("push_to_hub", [arg for arg in argv[positions[0] + 1:] if arg != "--debug"],
-                                      "viscpm push")
-            args = parse_args(argv)
-        except SystemExit as exit_:
-            return _status(exit_.code)
-        with _quiet_libraries(not debug):
-            return _status(args.func(args))
-    except AppError as error:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return error.status
+        return _run(argv, debug)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _interrupted()
         return EXIT_INTERRUPTED
     except Exception as error:
-        if debug:
-            traceback.print_exc()
-            return EXIT_ERROR
-        print(f"error: {type(error).__name__}: {first_line(error)[:500]} (run again with --debug for the "
-              "traceback)", file=sys.stderr)
-        return EXIT_ERROR
+        _report(error, debug)
+        return error.status if isinstance(error, AppError) else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ errors do not pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,11 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "SEED_MAX",
     "AppError",
+    "atomic_files",
     "check_model",
+    "check_number",
     "decoding_options",
     "load_chat",
     "load_image",
@@ -33,6 +39,8 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SEED_MAX = 2**63 - 1
+"""The largest seed the apps take (torch takes 64 bits; the demo also uses ``seed + 1``)."""
 
 
 class AppError(Exception):
@@ -41,6 +49,49 @@ class AppError(Exception):
     def __init__(self, message: str, status: int = EXIT_ERROR):
         super().__init__(message)
         self.status = status
+
+
+def check_number(value: Any, what: str = "", kind: type = int, low: float | None = None, high: float | None = None,
+                 above: float | None = None) -> int | float:
+    """``value`` (a number, or its text) as a finite ``kind`` (int or float) with ``low <= value <= high`` and
+    ``value > above``, or a usage `AppError` that names ``what`` and the range (``"must be ..."`` without it)."""
+    number = _as_number(value, kind)
+    if (number is None or (low is not None and number < low) or (high is not None and number > high)
+            or (above is not None and number <= above)):
+        bounds = [f"{word} {bound}" for word, bound in (("above", above), ("at least", low), ("at most", high))
+                  if bound is not None]
+        wanted = " ".join(["a whole number" if kind is int else "a finite number", " and ".join(bounds)]).strip()
+        raise AppError(f"{what} must be {wanted}, got {value!r}".strip(), EXIT_USAGE)
+    return number
+
+
+def _as_number(value: Any, kind: type) -> int | float | None:
+    if isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if kind is int and isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return kind(value)
+
+
+@contextlib.contextmanager
+def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths`` to write; when the block ends without an error (or Ctrl-C), each goes to
+    its place at once, otherwise they are removed: a command never leaves half a file or half its files."""
+    temps = [path.with_name(f".{path.name}.tmp{os.getpid()}") for path in paths]
+    try:
+        yield temps
+        for temp, path in zip(temps, paths):
+            os.replace(temp, path)
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
 
 
 def resolve_device(name: str | None):
@@ -217,6 +268,7 @@ def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: i
 
     if not prompt.strip():
         raise AppError("the prompt is empty; describe the picture", EXIT_USAGE)
+    steps = check_number(steps, "the number of steps", low=1)
     generator = None if seed is None else torch.Generator(pipe.device).manual_seed(seed)
     try:
         output = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,

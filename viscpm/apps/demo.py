@@ -42,7 +42,7 @@ from viscpm.modeling import (
     VisCPMPaintTextEncoderConfig,
 )
 
-from .common import AppError, check_model, load_chat, load_paint, paint_images, resolve_device
+from .common import AppError, atomic_files, check_model, load_chat, load_paint, paint_images, resolve_device
 
 __all__ = ["TINY_LLM_CONFIG", "TINY_VISION_CONFIG", "build_tiny_chat_checkpoint", "build_tiny_models",
            "build_tiny_paint_checkpoint", "original_chat_state_dict", "original_paint_state_dict", "run_demo"]
@@ -258,7 +258,8 @@ def run_demo(output_dir: str | Path = "build/viscpm-demo", vocab_file: str | Non
     print(f"painting {prompt!r} ({steps} steps, seed {seed}) ...", file=out, flush=True)
     images, flagged = paint_images(pipe, prompt, steps=steps, seed=seed, size=size)
     files["painting"] = output_dir / "painting.png"
-    images[0].save(files["painting"])
+    with atomic_files([files["painting"]]) as (temp,):
+        images[0].save(temp, format="PNG")
     note = " (blacked out by the safety checker)" if flagged[0] else ""
     print(f"  wrote {files['painting']} ({images[0].width}x{images[0].height}){note}", file=out, flush=True)
     del pipe
@@ -274,7 +275,8 @@ def run_demo(output_dir: str | Path = "build/viscpm-demo", vocab_file: str | Non
     header = f"# viscpm demo: a chat about {files['painting'].name}\n"
     if random_weights:
         header += f"# {RANDOM_NOTE}\n"
-    files["transcript"].write_text(header + "".join(transcript), encoding="utf-8")
+    with atomic_files([files["transcript"]]) as (temp,):
+        temp.write_text(header + "".join(transcript), encoding="utf-8")
 
     print(f"wrote {files['transcript']}  ({time.perf_counter() - start:.1f} s in all)", file=out)
     if random_weights:

@@ -2,10 +2,14 @@
 
     viscpm serve viscpm-chat-hf viscpm-paint-hf --port 7860
 
-Chat: upload an image, ask, keep talking (the history and the image features are kept per browser session; a
-new image starts a new conversation). Answers stream with greedy search or sampling; the original's beam
-search shows the answer when it is complete. Paint: prompt, negative prompt, seed and steps; the pictures of
-the session collect in a gallery.
+Chat: upload an image, ask, keep talking; a new image starts a new conversation. Answers stream with greedy
+search or sampling; the original's beam search shows the answer when it is complete. Paint: prompt, negative
+prompt, seed and steps; the pictures of the session collect in a gallery.
+
+Every chat request carries its whole conversation (the image, the history the page shows, the question), and the
+answer is computed from that alone: requests that run at the same time, from one session or many, cannot mix
+their conversations. The only thing a session keeps is the image features of its last answer, used again only
+for the same image (and the gallery of its pictures).
 
 The same two functions are the app's HTTP API (``/chat`` and ``/paint``, e.g. through ``gradio_client``).
 Nothing is fetched from the internet: the page uses system fonts and gradio's analytics are off.
@@ -13,13 +17,30 @@ Nothing is fetched from the internet: the page uses system fonts and gradio's an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
+import time
 from typing import Any
 
-from viscpm.chat import ChatSession
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 
-from .common import AppError, decoding_options, load_chat, load_image, load_paint, paint_images
+import gradio as gr  # noqa: E402
+
+from viscpm.chat import ChatSession  # noqa: E402
+
+from .common import (  # noqa: E402
+    EXIT_USAGE,
+    SEED_MAX,
+    AppError,
+    check_number,
+    decoding_options,
+    load_chat,
+    load_image,
+    load_paint,
+    paint_images,
+)
 
 __all__ = ["DECODINGS", "build_app", "serve"]
 
@@ -38,52 +59,60 @@ def _image_key(path: str) -> str:
         return hashlib.sha1(handle.read()).hexdigest()
 
 
+def _message(role: str, text: str) -> dict:
+    """A chat message whose text reaches the page and comes back exactly (gradio dedents plain string content)."""
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def _refused(message: str):
+    """The error a user sees for a request the app refuses (no traceback in the server's log: nothing failed)."""
+    return gr.Error(message, print_exception=False)
+
+
 def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 50):
     """The gradio `Blocks` app around a loaded `VisCPMChat` and `VisCPMPaintPipeline`."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import gradio as gr
 
-    def respond(image, question: str, history: list | None, decoding: str, state: dict | None):
-        history = list(history or [])
+    def respond(image, question: str, history: list | None, decoding: str, features: dict | None):
         if image is None:
-            raise gr.Error("upload an image first")
-        if not question or not question.strip():
-            raise gr.Error("type a question about the image")
+            raise _refused("upload an image first")
+        if not isinstance(question, str) or not question.strip():
+            raise _refused("type a question about the image")
+        if decoding not in DECODINGS:
+            raise _refused(f"unknown decoding {decoding!r}; use one of: {', '.join(DECODINGS)}")
+        history = list(history or [])
         try:
-            options = decoding_options(DECODINGS.get(decoding, "beam"), max_new_tokens=max_new_tokens)
-        except AppError as error:
-            raise gr.Error(str(error)) from None
-        try:  # the uploaded file as it is, read by the image processor (as `chat(path)` reads it)
+            options = decoding_options(DECODINGS[decoding], max_new_tokens=max_new_tokens)
+            # The conversation so far is the history the request brings, as the page shows it.
+            _, context, _ = chat.processor.conversation_to_prompt([*history, {"role": "user", "content": question}])
+            # The uploaded file as it is, read by the image processor (as `chat(path)` reads it).
             image = load_image(image, chat.processor.image_processor)
-        except AppError as error:
-            raise gr.Error(str(error)) from None
+        except (AppError, ValueError) as error:
+            raise _refused(str(error)) from None
         key = _image_key(image)
         session = ChatSession(chat, image, **options)
-        if state and state.get("image") == key:
-            session.context, session.vision_hidden_states = state["context"], state["vision_hidden_states"]
-        else:
-            history = []  # another image: another conversation
-        history.append({"role": "user", "content": question})
-        history.append({"role": "assistant", "content": ""})
+        session.context = context
+        if features and features.get("image") == key:  # this image's features, from the session's last answer
+            session.vision_hidden_states = features["vision_hidden_states"]
+        history.append(_message("user", question))
+        answer = ""
         try:
             for piece in session.stream(question):
-                history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
-                yield history, "", state
-        except AppError as error:
-            raise gr.Error(str(error)) from None
-        history[-1] = {"role": "assistant", "content": session.turns[-1][1]}
-        state = {"image": key, "context": session.context, "vision_hidden_states": session.vision_hidden_states}
-        yield history, "", state
+                answer += piece
+                yield [*history, _message("assistant", answer)], "", features
+        except (AppError, ValueError) as error:
+            raise _refused(str(error)) from None
+        history.append(_message("assistant", session.turns[-1][1]))
+        yield history, "", {"image": key, "vision_hidden_states": session.vision_hidden_states}
 
     def clear():
         return [], "", None
 
     def paint(prompt: str, negative_prompt: str, seed: float | None, steps: float, gallery_state: list | None):
         try:
-            images, flagged = paint_images(pipe, prompt or "", negative_prompt or None, steps=int(steps),
-                                           seed=None if seed is None else int(seed))
+            seed = None if seed is None else check_number(seed, "the seed", low=0, high=SEED_MAX)
+            images, flagged = paint_images(pipe, prompt or "", negative_prompt or None, steps=steps, seed=seed)
         except AppError as error:
-            raise gr.Error(str(error)) from None
+            raise _refused(str(error)) from None
         if any(flagged):
             gr.Warning("the safety checker blacked out a picture")
         gallery = [(image, prompt) for image in images] + list(gallery_state or [])
@@ -106,13 +135,14 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")
                         reset = gr.Button("Clear", elem_id="clear")
-            state = gr.State(None)
-            inputs, outputs = [image, question, chatbot, decoding, state], [chatbot, question, state]
-            send.click(respond, inputs, outputs, api_name="chat")
-            question.submit(respond, inputs, outputs, api_name=False)
+            features = gr.State(None)
+            inputs, outputs = [image, question, chatbot, decoding, features], [chatbot, question, features]
+            # One chat model: its requests take turns, whichever button or API call sent them.
+            send.click(respond, inputs, outputs, api_name="chat", concurrency_id="chat")
+            question.submit(respond, inputs, outputs, api_name=False, concurrency_id="chat")
             reset.click(clear, None, outputs, api_name=False)
             # A new image starts a new conversation; what is typed in the question box stays.
-            image.change(lambda: ([], None), None, [chatbot, state], api_name=False)
+            image.change(lambda: ([], None), None, [chatbot, features], api_name=False)
         with gr.Tab("Paint"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -131,16 +161,45 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
 
 def serve(model_chat: str, model_paint: str, host: str = "127.0.0.1", port: int = 7860, dtype: str | None = None,
           device: str | None = None, max_new_tokens: int | None = None, paint_steps: int | None = None) -> None:
-    """Load both models, build the app and serve it until interrupted."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    """Load both models, build the app and serve it until Ctrl-C (raised on as `KeyboardInterrupt` once the server
+    is closed)."""
+    check_address(host, port)
     chat = load_chat(model_chat, dtype, device)
     pipe = load_paint(model_paint, dtype, device, progress=False)
     if paint_steps is None:
         paint_steps = 50
     app = build_app(chat, pipe, max_new_tokens=max_new_tokens, paint_steps=paint_steps)
     kwargs: dict[str, Any] = dict(server_name=host, server_port=port, show_error=True, ssr_mode=False,
-                                  theme=app.viscpm_theme)
+                                  theme=app.viscpm_theme, prevent_thread_lock=True)
     try:
         app.queue().launch(**kwargs)
-    except OSError as error:  # port in use, address not available
+    except OSError as error:  # taken since check_address looked
         raise AppError(f"cannot serve on {host}:{port} ({str(error).splitlines()[0]}); try another --port") from None
+    try:
+        while True:  # the server runs in gradio's threads
+            time.sleep(1)
+    finally:
+        app.close(verbose=False)
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, before the models load, a ``host`` that is not this machine's or a ``port`` that is taken."""
+    fix = "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise AppError(f"--host {host} is not an address, nor a name this machine can resolve ({error}); {fix}",
+                       EXIT_USAGE) from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise AppError(f"port {port} is in use on {host}; pick another --port, or stop what listens "
+                               "there") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise AppError(f"--host {host} is not an address of this machine; {fix}", EXIT_USAGE) from None
+            if error.errno == errno.EACCES:
+                raise AppError(f"listening on port {port} needs more privileges; use a --port above 1023") from None
+            raise AppError(f"cannot listen on {host}:{port} ({error.strerror}); check --host and --port") from None
