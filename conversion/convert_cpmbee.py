@@ -193,6 +193,15 @@ def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBe
         raise ConversionError(
             f"cannot read vocabulary {path}: {first_line(error)}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file"
         ) from None
+    # CPM-Bee's special tokens sit at fixed ids in its vocabulary file (the tokenizer would add missing ones elsewhere).
+    specials = {"<pad>": config.pad_token_id, "<unk>": config.unk_token_id, "<s>": config.bos_token_id,
+                "</s>": config.eos_token_id}
+    missing = [f"{token} at id {index}" for token, index in specials.items() if tokenizer.encoder.get(token) != index]
+    if missing:
+        raise ConversionError(
+            f"cannot read vocabulary {path}: it is not a CPM-Bee vocabulary (no {', '.join(missing)}); pass the CPM-Bee "
+            "vocabulary (bee.txt) with --vocab-file"
+        )
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size != config.vocab_size:
         raise ConversionError(
