@@ -43,7 +43,8 @@ from viscpm.conversion.common import (
     shorten,
     write_model_folder,
 )
-from viscpm.modeling import CpmBeeConfig, CpmBeeForCausalLM, CpmBeeTokenizer
+from viscpm import modeling  # the model classes load when a conversion runs, not for --help
+from viscpm.modeling.configuration_cpmbee import CpmBeeConfig
 
 __all__ = [
     "CPMBEE_KEYS",
@@ -185,10 +186,10 @@ def load_cpmbee_config(config: CpmBeeConfig | str | os.PathLike | Mapping | None
                        cpmbee_config_from_original, sizes={ours: key for key, ours in ORIGINAL_CONFIG_KEYS.items()})
 
 
-def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> CpmBeeTokenizer:
+def load_tokenizer(vocab_file: str | os.PathLike, config: CpmBeeConfig) -> modeling.CpmBeeTokenizer:
     path = require_file(vocab_file, "vocabulary", "pass the CPM-Bee vocabulary (bee.txt) with --vocab-file")
     try:
-        tokenizer = CpmBeeTokenizer(str(path))
+        tokenizer = modeling.CpmBeeTokenizer(str(path))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConversionError(
             f"cannot read vocabulary {path}: {first_line(error)}; pass the CPM-Bee vocabulary (bee.txt) with --vocab-file"
@@ -284,7 +285,7 @@ def convert_cpmbee_checkpoint(
     def describe(key):
         return cpmbee_original_name(key, prefix, "model.")
 
-    model = check_converted(converted, CpmBeeForCausalLM, cfg, source=source, unexpected=unmapped,
+    model = check_converted(converted, modeling.CpmBeeForCausalLM, cfg, source=source, unexpected=unmapped,
                             describe=describe, differences=cpmbee_config_differences(converted, cfg), hint=hint)
     return write_model_folder(output_dir, converted, cfg, model, overwrite=overwrite, inputs=inputs,
                               dtype=target_dtype, tokenizer=tokenizer, max_shard_size=max_shard_size,

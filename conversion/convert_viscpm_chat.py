@@ -75,13 +75,8 @@ from viscpm.conversion.convert_cpmbee import (
     load_tokenizer,
     map_cpmbee_key,
 )
-from viscpm.modeling import (
-    VisCPMChatConfig,
-    VisCPMChatForConditionalGeneration,
-    VisCPMChatProcessor,
-    VisCPMImageProcessor,
-    VisCPMVisionConfig,
-)
+from viscpm import modeling  # the model classes load when a conversion runs, not for --help
+from viscpm.modeling.configuration_viscpm_chat import VisCPMChatConfig, VisCPMVisionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +358,8 @@ def convert_viscpm_chat_checkpoint(
     processor = None
     if vocab_file is not None:
         image_size = config.vision_config.image_size
-        processor = VisCPMChatProcessor(
-            VisCPMImageProcessor(size={"height": image_size, "width": image_size}),
+        processor = modeling.VisCPMChatProcessor(
+            modeling.VisCPMImageProcessor(size={"height": image_size, "width": image_size}),
             load_tokenizer(vocab_file, config.text_config),
             query_num=config.query_num,
         )
@@ -382,11 +377,11 @@ def convert_viscpm_chat_checkpoint(
     converted, unmapped, dropped = convert_chat_state_dict(original)
 
     model = check_converted(
-        converted, VisCPMChatForConditionalGeneration, config, source=source, unexpected=unmapped,
+        converted, modeling.VisCPMChatForConditionalGeneration, config, source=source, unexpected=unmapped,
         describe=_original_name, differences=_chat_config_differences(converted, config),
         hint="pass the sizes that belong to this checkpoint (--llm-config, --vision-config, --query-num)",
     )
-    model.generation_config = VisCPMChatForConditionalGeneration.original_generation_config(config)  # saved below
+    model.generation_config = modeling.VisCPMChatForConditionalGeneration.original_generation_config(config)  # saved below
     for key in dropped:
         logger.info("dropping %s: %s, not used by VisCPM-Chat at inference", prefix + key, CHAT_DROPPED_KEYS[key])
     return write_model_folder(output_dir, converted, config, model, overwrite=overwrite, inputs=inputs,

@@ -62,7 +62,8 @@ from viscpm.conversion.convert_cpmbee import (
     load_cpmbee_config,
     load_tokenizer,
 )
-from viscpm.modeling import VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
+from viscpm import modeling  # the model classes load when a conversion runs, not for --help
+from viscpm.modeling.configuration_viscpm_paint import VisCPMPaintTextEncoderConfig
 
 __all__ = [
     "DEFAULT_SD_BASE",
@@ -182,7 +183,7 @@ def _model_index() -> dict:
     return {
         "_class_name": "VisCPMPaintPipeline",
         "_diffusers_version": diffusers.__version__,
-        "text_encoder": [VisCPMPaintTextEncoder.__module__, VisCPMPaintTextEncoder.__name__],
+        "text_encoder": ["viscpm.modeling.modeling_viscpm_paint", "VisCPMPaintTextEncoder"],
         "tokenizer": ["viscpm.modeling.tokenization_cpmbee", "CpmBeeTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -243,7 +244,7 @@ def convert_viscpm_paint_checkpoint(
         )
     hint = "pass the CPM-Bee config of this checkpoint with --llm-config" if llm_config is None else (
         "pass the CPM-Bee config that belongs to this checkpoint")
-    check_converted(text_state, VisCPMPaintTextEncoder, config, source=source, unexpected=unexpected,
+    check_converted(text_state, modeling.VisCPMPaintTextEncoder, config, source=source, unexpected=unexpected,
                     describe=_original_name, hint=hint)
     try:
         with torch.device("meta"):
@@ -261,7 +262,7 @@ def convert_viscpm_paint_checkpoint(
 
     with atomic_output_dir(output_dir, overwrite, inputs) as tmp:
         (tmp / "text_encoder").mkdir()
-        save_model_folder(tmp / "text_encoder", text_state, config, VisCPMPaintTextEncoder, dtype=target_dtype,
+        save_model_folder(tmp / "text_encoder", text_state, config, modeling.VisCPMPaintTextEncoder, dtype=target_dtype,
                           max_shard_size=max_shard_size, progress=progress, describe=_original_name)
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "unet").mkdir()

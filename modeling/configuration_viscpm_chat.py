@@ -1,7 +1,6 @@
 """Configurations of VisCPM-Chat: the BEiT-3 vision encoder and the composite multimodal model."""
 
 from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
 
 from .configuration_cpmbee import CpmBeeConfig
 
@@ -54,6 +53,8 @@ class VisCPMVisionConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
             )
+        from transformers.activations import ACT2FN  # here, not at import: it loads transformers' model loading
+
         if hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act {hidden_act!r} is not an activation of transformers (ACT2FN): use e.g. 'gelu'")
         if image_size % patch_size:
