@@ -117,9 +117,9 @@ class VisCPMPaint:
     def from_pretrained(
         cls,
         path_or_repo: str | os.PathLike,
-        image_safety_checker: bool = True,
-        prompt_safety_checker: bool = True,
-        add_ranker: bool = True,
+        image_safety_checker: bool | None = True,
+        prompt_safety_checker: bool | None = True,
+        add_ranker: bool | None = True,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         variant: str | None = None,
@@ -131,7 +131,8 @@ class VisCPMPaint:
         Args:
             image_safety_checker, prompt_safety_checker, add_ranker: as in the original. When on, the part in
                 the folder is used; a folder without it gets it from the repo the original uses.
-                When off, the part is dropped even if the folder has it.
+                When off, the part is dropped even if the folder has it. ``None``: the folder's part if it has
+                one, nothing fetched (what the command line and the apps use).
             torch_dtype: dtype of the models (default: as stored).
             device: where to run (default: CUDA when available, as the original).
             adapter: a Paint language adapter folder or Hub repo (``text_encoder/`` and optionally ``unet/`` peft
@@ -144,9 +145,9 @@ class VisCPMPaint:
         """
         path_or_repo = resolve_original_format(path_or_repo, "paint", variant, kwargs)
         pipe = VisCPMPaintPipeline.from_pretrained(path_or_repo, torch_dtype=torch_dtype, **kwargs)
-        if not image_safety_checker:
+        if image_safety_checker is False:
             pipe.register_modules(safety_checker=None, feature_extractor=None)
-        elif pipe.safety_checker is None:
+        elif image_safety_checker and pipe.safety_checker is None:
             checker, extractor = load_image_safety_checker(torch_dtype=torch_dtype)
             pipe.register_modules(safety_checker=checker, feature_extractor=extractor)
 
@@ -165,9 +166,9 @@ class VisCPMPaint:
 
             parts["ranker"] = AutoModel.from_pretrained(RANKER_REPO)
             parts["ranker_processor"] = AutoProcessor.from_pretrained(RANKER_REPO)
-        if not prompt_safety_checker:
+        if prompt_safety_checker is False:
             parts.update(prompt_checker=None, prompt_checker_tokenizer=None)
-        if not add_ranker:
+        if add_ranker is False:
             parts.update(ranker=None, ranker_processor=None)
         if adapter is not None:
             from .adapters import load_paint_adapter

@@ -192,9 +192,9 @@ def cmd_paint(args) -> int:
     fmt = _image_format(output)
     if not output.parent.is_dir():
         raise AppError(f"cannot write {output}: folder {output.parent} does not exist")
-    pipe = load_paint(args.model, args.dtype, args.device, variant=args.variant)
+    painter = load_paint(args.model, args.dtype, args.device, variant=args.variant)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    images, flagged = paint_images(pipe, args.prompt, args.negative, args.steps, seed, args.size, args.num_images,
+    images, flagged = paint_images(painter, args.prompt, args.negative, args.steps, seed, args.size, args.num_images,
                                    args.guidance_scale)
     paths = _output_paths(output, len(images))
     with atomic_files(paths) as temps:  # all pictures or none

@@ -207,21 +207,21 @@ def load_chat(path: str, dtype: str | None = None, device: str | None = None, va
 
 def load_paint(path: str, dtype: str | None = None, device: str | None = None, progress: bool = True,
                variant: str | None = None):
-    """`VisCPMPaintPipeline` from a converted folder (or Hub id, or original checkpoint), on ``device``."""
-    from viscpm.conversion.original_format import resolve_original_format
-    from viscpm.modeling import VisCPMPaintPipeline
+    """`VisCPMPaint` from a converted folder (or Hub id, or original checkpoint), on ``device``, with the optional
+    parts the folder has (image safety checker, prompt checker, ranker) and nothing fetched for those it lacks."""
+    from viscpm.paint import VisCPMPaint
 
     source = check_model(path, "paint")
     torch_device = resolve_device(device)
-    kwargs: dict[str, Any] = {}
     try:
-        source = resolve_original_format(source, "paint", variant, kwargs)
-        pipe = VisCPMPaintPipeline.from_pretrained(source, torch_dtype=_dtype(dtype), **kwargs).to(torch_device)
+        painter = VisCPMPaint.from_pretrained(source, image_safety_checker=None, prompt_safety_checker=None,
+                                              add_ranker=None, torch_dtype=_dtype(dtype), device=torch_device,
+                                              variant=variant)
     except Exception as error:
         raise AppError(f"cannot load VisCPM-Paint from {path}: {first_line(error)[:300]} (is the folder complete? "
                        "convert it again with `viscpm convert paint`)") from error
-    pipe.set_progress_bar_config(desc="painting", disable=not progress)
-    return pipe
+    painter.pipeline.set_progress_bar_config(desc="painting", disable=not progress)
+    return painter
 
 
 def decoding_options(decoding: str = "beam", num_beams: int | None = None, max_new_tokens: int | None = None,
@@ -257,7 +257,7 @@ def decoding_options(decoding: str = "beam", num_beams: int | None = None, max_n
     return options
 
 
-def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: int = 50, seed: int | None = None,
+def paint_images(painter, prompt: str, negative_prompt: str | None = None, steps: int = 50, seed: int | None = None,
                  size: int | None = None, num_images: int = 1, guidance_scale: float = 7.5):
     """Draw ``num_images`` PIL images for ``prompt``; returns ``(images, flagged)``.
 
@@ -269,14 +269,14 @@ def paint_images(pipe, prompt: str, negative_prompt: str | None = None, steps: i
     if not prompt.strip():
         raise AppError("the prompt is empty; describe the picture", EXIT_USAGE)
     steps = check_number(steps, "the number of steps", low=1)
-    generator = None if seed is None else torch.Generator(pipe.device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(painter.device).manual_seed(seed)
     try:
-        output = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, height=size, width=size, num_images_per_prompt=num_images,
-                      generator=generator, output_type="pil")
+        output = painter(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, height=size, width=size, num_images_per_prompt=num_images,
+                         generator=generator, output_type="pil")
     except ValueError as error:  # sizes and other values the pipeline refuses
         raise AppError(first_line(error)) from None
-    if any(getattr(output, "prompt_refused", None) or []):  # a VisCPMPaint with a prompt checker
+    if any(output.prompt_refused):
         raise AppError("the prompt checker refused this prompt; rephrase it")
     flagged = output.nsfw_content_detected or [False] * len(output.images)
     return output.images, [bool(flag) for flag in flagged]

@@ -252,17 +252,17 @@ def run_demo(output_dir: str | Path = "build/viscpm-demo", vocab_file: str | Non
 
     files = {"chat_model": chat_dir, "paint_model": paint_dir}
     prompt = prompt or DEFAULT_PROMPT
-    pipe = load_paint(str(paint_dir), device=device)
+    painter = load_paint(str(paint_dir), device=device)
     if size is None and paint_model is None:
         size = TINY_PAINT_SIZE
     print(f"painting {prompt!r} ({steps} steps, seed {seed}) ...", file=out, flush=True)
-    images, flagged = paint_images(pipe, prompt, steps=steps, seed=seed, size=size)
+    images, flagged = paint_images(painter, prompt, steps=steps, seed=seed, size=size)
     files["painting"] = output_dir / "painting.png"
     with atomic_files([files["painting"]]) as (temp,):
         images[0].save(temp, format="PNG")
     note = " (blacked out by the safety checker)" if flagged[0] else ""
     print(f"  wrote {files['painting']} ({images[0].width}x{images[0].height}){note}", file=out, flush=True)
-    del pipe
+    del painter
 
     chat = load_chat(str(chat_dir), device=device)
     session = ChatSession(chat, images[0], max_new_tokens=max_new_tokens)

@@ -69,8 +69,8 @@ def _refused(message: str):
     return gr.Error(message, print_exception=False)
 
 
-def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 50):
-    """The gradio `Blocks` app around a loaded `VisCPMChat` and `VisCPMPaintPipeline`."""
+def build_app(chat, painter, max_new_tokens: int | None = None, paint_steps: int = 50):
+    """The gradio `Blocks` app around a loaded `VisCPMChat` and `VisCPMPaint`."""
 
     def respond(image, question: str, history: list | None, decoding: str, features: dict | None):
         if image is None:
@@ -110,7 +110,7 @@ def build_app(chat, pipe, max_new_tokens: int | None = None, paint_steps: int = 
     def paint(prompt: str, negative_prompt: str, seed: float | None, steps: float, gallery_state: list | None):
         try:
             seed = None if seed is None else check_number(seed, "the seed", low=0, high=SEED_MAX)
-            images, flagged = paint_images(pipe, prompt or "", negative_prompt or None, steps=steps, seed=seed)
+            images, flagged = paint_images(painter, prompt or "", negative_prompt or None, steps=steps, seed=seed)
         except AppError as error:
             raise _refused(str(error)) from None
         if any(flagged):
@@ -165,10 +165,10 @@ def serve(model_chat: str, model_paint: str, host: str = "127.0.0.1", port: int 
     is closed)."""
     check_address(host, port)
     chat = load_chat(model_chat, dtype, device)
-    pipe = load_paint(model_paint, dtype, device, progress=False)
+    painter = load_paint(model_paint, dtype, device, progress=False)
     if paint_steps is None:
         paint_steps = 50
-    app = build_app(chat, pipe, max_new_tokens=max_new_tokens, paint_steps=paint_steps)
+    app = build_app(chat, painter, max_new_tokens=max_new_tokens, paint_steps=paint_steps)
     kwargs: dict[str, Any] = dict(server_name=host, server_port=port, show_error=True, ssr_mode=False,
                                   theme=app.viscpm_theme, prevent_thread_lock=True)
     try:
