@@ -10,7 +10,9 @@ line's ``--help`` and usage errors cost little more than ``import torch``.
 
 ``AutoImageProcessor`` and ``AutoProcessor`` live in modules that import torchvision; the real classes go into
 their mappings when transformers loads those modules (an import hook), which is before anyone can call them
-and after the costly imports they share have been paid.
+and after the costly imports they share have been paid. In the same way ``VisCPMPaintPipeline`` becomes an
+attribute of ``diffusers`` when diffusers loads ``DiffusionPipeline``, so that
+``DiffusionPipeline.from_pretrained`` loads converted Paint folders.
 """
 
 from __future__ import annotations
@@ -126,8 +128,36 @@ def _real_class(module: str, name: str) -> type:
     return getattr(importlib.import_module(f"viscpm.modeling.{module}"), name)
 
 
+def _after_import(module_name: str, callback) -> None:
+    """``callback()`` now if ``module_name`` is loaded, else right after it is."""
+    if module_name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(module_name, callback))
+
+
+_PIPELINE_MODULE = "viscpm.modeling.pipeline_viscpm_paint"
+
+
+def _pipeline_to_diffusers() -> None:
+    """``diffusers.VisCPMPaintPipeline``, where `DiffusionPipeline.from_pretrained` looks up a folder's
+    ``model_index.json`` ``_class_name``: converted Paint folders load with the generic class too."""
+    import diffusers
+
+    diffusers.VisCPMPaintPipeline = sys.modules[_PIPELINE_MODULE].VisCPMPaintPipeline
+
+
+def _diffusers_loaded() -> None:
+    module = sys.modules.get(_PIPELINE_MODULE)
+    if module is None:
+        importlib.import_module(_PIPELINE_MODULE)  # its own import hook then calls _pipeline_to_diffusers
+    elif hasattr(module, "VisCPMPaintPipeline"):
+        _pipeline_to_diffusers()
+    # else: the pipeline module is being imported (it is what loaded diffusers); its hook registers it once done
+
+
 def register() -> None:
-    """Register every class of :data:`REGISTRY` (idempotent)."""
+    """Register every class of :data:`REGISTRY` (idempotent), and the Paint pipeline with diffusers."""
     from transformers import AutoConfig
 
     for config_class in (CpmBeeConfig, VisCPMVisionConfig, VisCPMChatConfig, VisCPMPaintTextEncoderConfig):
@@ -145,7 +175,7 @@ def register() -> None:
             for auto_name, config_class, module, name in entries:
                 _register_one(auto_name, config_class, _real_class(module, name))
 
-        if module_name in sys.modules:
-            register_entries()
-        else:
-            sys.meta_path.insert(0, _AfterImport(module_name, register_entries))
+        _after_import(module_name, register_entries)
+    # DiffusionPipeline is defined there: whoever uses it has loaded the costly part of diffusers already.
+    _after_import(_PIPELINE_MODULE, _pipeline_to_diffusers)
+    _after_import("diffusers.pipelines.pipeline_utils", _diffusers_loaded)
