@@ -1,4 +1,5 @@
-"""Start a real `viscpm` server command in a subprocess on a free 127.0.0.1 port, and stop it (the apps' tests)."""
+"""Start a real `viscpm` server command in a subprocess on a free 127.0.0.1 port, and stop it (the apps' tests and
+benchmarks/bench_api.py)."""
 
 import os
 import signal
@@ -7,8 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-
-import pytest
 
 
 def free_port() -> int:
@@ -35,7 +34,7 @@ def start(args: list[str], ready_url: str, log_path, cwd, timeout: float = 180) 
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             log.seek(0)
-            pytest.fail(f"the server did not start:\n{log.read()[-3000:]}")
+            raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
         time.sleep(0.5)
 
 

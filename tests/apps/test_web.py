@@ -5,17 +5,12 @@ The server is the real command (`python -m viscpm.apps.cli serve ...`) in a subp
 with `VisCPMChat.chat` / the pipeline called in-process on the same folders.
 """
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from live_server import free_port, start, stop
 
 from viscpm.apps.cli import main
 from viscpm.apps.common import decoding_options, load_chat, load_paint, paint_images
@@ -28,48 +23,20 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, vocab_file):
     root = tmp_path_factory.mktemp("web")
     chat_dir, paint_dir = build_tiny_models(root / "models", vocab_file, seed=5)
     image = root / "picture.png"
     PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(image)
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    log = open(root / "server.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "viscpm.apps.cli", "serve", str(chat_dir), str(paint_dir), "--port", str(port),
-         "--max-new-tokens", str(TOKENS), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log.seek(0)
-            pytest.fail(f"the server did not start:\n{log.read()[-3000:]}")
-        time.sleep(0.5)
+    process = start(["serve", str(chat_dir), str(paint_dir), "--port", str(port), "--max-new-tokens", str(TOKENS),
+                     "--device", "cpu"], url, root / "server.log", root)
     try:
         yield {"url": url, "root": root, "chat_dir": chat_dir, "paint_dir": paint_dir, "image": image}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -478,7 +478,7 @@ class _Job:
     """A request waiting for the model. ``emit`` passes events to the request's handler from the worker thread:
     ``("text", choice, piece)``, ``("done", result)``, ``("error", ApiError)``."""
 
-    emit: Callable[[tuple], None]
+    emit: Callable[[tuple], None] | None = None
     key: Any = None  # jobs with equal keys (not None) may run in one batch
     rows: int = 1
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -812,7 +812,7 @@ class _ChatRequestParser:
             raise _bad(f"cannot use the image: {first_line(error)}", "messages", "invalid_image_format") from None
         return data, key, pixels, None
 
-    def job(self, request: ChatCompletionRequest, emit) -> tuple[_ChatJob, int]:
+    def job(self, request: ChatCompletionRequest) -> tuple[_ChatJob, int]:
         """The job for ``request`` and its prompt's token count."""
         for field, what in _UNSUPPORTED.items():
             if getattr(request, field) not in (None, False, [], {}):
@@ -844,7 +844,7 @@ class _ChatRequestParser:
         streams = ChatSession(self.chat, None, **options).streams
         seeded = samples and request.seed is not None
         batch_key = None if seeded else tuple(sorted(options.items()))
-        job = _ChatJob(emit=emit, key=batch_key, rows=rows, question=question, context=context, image=data,
+        job = _ChatJob(key=batch_key, rows=rows, question=question, context=context, image=data,
                        image_key=key, pixel_values=pixels, states=states, options=options, streams=streams,
                        seed=request.seed if seeded else None, stops=stops, max_tokens=max_tokens,
                        choices=request.n)
@@ -895,6 +895,19 @@ class _Events:
         if self.job is not None:
             self.job.cancelled.set()
 
+    def submit(self, job: _Job, batcher: Batcher) -> None:
+        job.emit, self.job = self.emit, job
+        batcher.submit(job)
+
+    async def result(self):
+        """The job's result (its error is raised); ``None`` when the client went away."""
+        while True:
+            event = await self.next()
+            if event is None or event[0] == "done":
+                return event and event[1]
+            if event[0] == "error":
+                raise event[1]
+
 
 class _ApiKey:
     """ASGI middleware: every path but /health needs ``Authorization: Bearer <key>``."""
@@ -904,9 +917,8 @@ class _ApiKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            headers = dict(scope["headers"])
-            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 message = ("missing API key: send Authorization: Bearer <key>" if not given else
                            "incorrect API key provided")
                 error = ApiError(401, message, code="invalid_api_key", type="invalid_request_error")
@@ -995,10 +1007,9 @@ def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str =
     async def chat_completions(request: Request):
         body = await _read_json(request, ChatCompletionRequest, limits)
         check_model(body.model, "chat")
+        job, prompt_tokens = await run_in_threadpool(parser.job, body)
         events = _Events(request)
-        job, prompt_tokens = await run_in_threadpool(parser.job, body, events.emit)
-        events.job = job
-        batcher.submit(job)
+        events.submit(job, batcher)
         reply = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                      system_fingerprint=None)
         if body.stream:
@@ -1006,17 +1017,12 @@ def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str =
             return StreamingResponse(_stream(events, reply, job.choices, prompt_tokens, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        while True:
-            event = await events.next()
-            if event is None:  # the client went away
-                return JSONResponse({}, status_code=499)
-            if event[0] == "error":
-                raise event[1]
-            if event[0] == "done":
-                break
+        result = await events.result()
+        if result is None:  # the client went away
+            return JSONResponse({}, status_code=499)
         choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None, "finish_reason": reason} for i, (text, _, reason) in enumerate(event[1])]
-        completion = sum(tokens for _, tokens, _ in event[1])
+                    "logprobs": None, "finish_reason": reason} for i, (text, _, reason) in enumerate(result)]
+        completion = sum(tokens for _, tokens, _ in result)
         return {**reply, "object": "chat.completion", "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
@@ -1065,20 +1071,13 @@ def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str =
                            "model_not_found")
         body = await _read_json(request, ImageGenerationRequest, limits)
         check_model(body.model if body.model is not None else paint_name, "paint")
-        job = _paint_job(body, limits)
         events = _Events(request)
-        job.emit, events.job = events.emit, job
-        batcher.submit(job)
-        while True:
-            event = await events.next()
-            if event is None:
-                return JSONResponse({}, status_code=499)
-            if event[0] == "error":
-                raise event[1]
-            if event[0] == "done":
-                break
+        events.submit(_paint_job(body, limits), batcher)
+        images = await events.result()
+        if images is None:
+            return JSONResponse({}, status_code=499)
         data = await run_in_threadpool(lambda: [{"b64_json": _png_base64(image), "revised_prompt": None}
-                                                for image in event[1]])
+                                                for image in images])
         return {"created": int(time.time()), "data": data}
 
     return app
@@ -1108,7 +1107,7 @@ def _paint_job(body: ImageGenerationRequest, limits: ApiLimits) -> _PaintJob:
         size = int(width)
         if size % 8 or not 64 <= size <= limits.max_paint_size:
             raise _bad(f"size must be a multiple of 8 between 64 and {limits.max_paint_size}, got {size}", "size")
-    return _PaintJob(emit=None, rows=body.n, prompt=body.prompt, negative_prompt=body.negative_prompt,
+    return _PaintJob(rows=body.n, prompt=body.prompt, negative_prompt=body.negative_prompt,
                      steps=body.steps or 50, seed=body.seed, size=size,
                      guidance_scale=7.5 if body.guidance_scale is None else body.guidance_scale)
 
