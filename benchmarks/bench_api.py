@@ -4,8 +4,8 @@
 A medium random VisCPM-Chat (BEiT-3 384x6 at 224 px, CPM-Bee 512x8, 64 image queries: the config of
 `bench_chat.py`) is written in the original checkpoint format and converted with the real converter, then served
 twice by the real command in a subprocess on 127.0.0.1: once batching (``--max-batch-size 16``), once one request
-at a time (``--max-batch-size 1``). Each of C clients (threads with the `openai` client) sends ``--requests``
-questions one after the other, each about its own image (a new random 224x224 PNG per request, so the vision
+at a time (``--max-batch-size 1``). Each of C clients (threads with the `openai` client) sends
+``--requests`` questions one after the other, each about its own image (a new random 224x224 PNG per request, so the vision
 cache does not help); the table gives completed requests and generated tokens (``usage.completion_tokens``) per
 second of wall time, and whether the two servers gave the same answers (they must: batching does not change an
 answer). A measurement script, not a test: nothing asserts on timing.

@@ -16,9 +16,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], ready_url: str, log_path, cwd, timeout: float = 180) -> subprocess.Popen:
-    """Run ``python -m viscpm.apps.cli ARGS`` (output to ``log_path``) until ``ready_url`` answers 200."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+def start(args: list[str], ready_url: str, log_path, cwd, timeout: float = 180, env: dict | None = None
+          ) -> subprocess.Popen:
+    """Run ``python -m viscpm.apps.cli ARGS`` (output to ``log_path``, ``env`` added to the environment) until
+    ``ready_url`` answers 200."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     log = open(log_path, "w+")
     process = subprocess.Popen([sys.executable, "-m", "viscpm.apps.cli", *args], stdout=log,
                                stderr=subprocess.STDOUT, cwd=cwd, env=env)

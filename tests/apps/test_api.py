@@ -59,9 +59,9 @@ def server(tmp_path_factory, vocab_file):
     root = tmp_path_factory.mktemp("api")
     chat_dir, paint_dir = build_tiny_models(root / "models", vocab_file, seed=5)
     port = free_port()
-    process = start(["api", str(chat_dir), "--paint", str(paint_dir), "--port", str(port), "--api-key", KEY,
-                     "--device", "cpu", "--allow-local-images", *LIMITS],
-                    f"http://127.0.0.1:{port}/health", root / "server.log", root)
+    process = start(["api", str(chat_dir), "--paint", str(paint_dir), "--port", str(port), "--device", "cpu",
+                     "--allow-local-images", *LIMITS],
+                    f"http://127.0.0.1:{port}/health", root / "server.log", root, env={"VISCPM_API_KEY": KEY})
     try:
         yield {"base": f"http://127.0.0.1:{port}", "root": root, "chat_dir": chat_dir, "paint_dir": paint_dir,
                "process": process, "chat": chat_dir.name, "paint": paint_dir.name}
@@ -418,7 +418,7 @@ class _FakeTokenizer:
 
 
 class _FakeChat:
-    """`batch_chat` that fails any batch holding the question "bad"."""
+    """`batch_chat` that fails any batch holding the question "bad" (a ValueError) or "crash" (a RuntimeError)."""
 
     def __init__(self):
         self.processor = type("Processor", (), {"tokenizer": _FakeTokenizer()})()
@@ -428,6 +428,8 @@ class _FakeChat:
         self.calls.append(list(questions))
         if "bad" in questions:
             raise ValueError("this question breaks the model")
+        if "crash" in questions:
+            raise RuntimeError("out of memory")
         return [type("Response", (), {"answer": f"answer to {q}"})() for q in questions]
 
 
@@ -442,26 +444,35 @@ def test_one_bad_request_fails_alone_in_its_batch():
 
         def emit(event):
             events[question].append(event)
-            if sum(1 for log in events.values() if log) == 3:
+            if sum(1 for log in events.values() if log) == 4:
                 done.set()
 
         return _ChatJob(emit=emit, key="same", question=question, states=torch.zeros(1, 1, 1),
                         options={"max_new_tokens": 4}, max_tokens=4)
 
-    for question in ("first", "bad", "third"):
+    for question in ("first", "bad", "third", "crash"):
         batcher.submit(job(question))
     batcher.start()
     assert done.wait(30)
     batcher.stop(10)
-    assert chat.calls == [["first", "bad", "third"], ["first"], ["bad"], ["third"]]
+    assert chat.calls == [["first", "bad", "third", "crash"], ["first"], ["bad"], ["third"], ["crash"]]
     for question in ("first", "third"):  # the whole answer as one piece of text, then the result
         assert events[question] == [("text", 0, f"answer to {question}"),
                                     ("done", [(f"answer to {question}", 3, "stop")])]
-    (kind, error), = events["bad"]
+    (kind, error), = events["bad"]  # the request's values: 400
     assert kind == "error" and error.status == 400 and "breaks the model" in error.message
+    (kind, error), = events["crash"]  # the server's: 500, saying what happened
+    assert kind == "error" and error.status == 500
+    assert error.message == "generation failed: RuntimeError: out of memory"
+    assert set(error.json()["error"]) == ERROR_KEYS
     with pytest.raises(ApiError, match="shutting down") as caught:
         batcher.submit(job("late"))
     assert caught.value.status == 503
+    full = Batcher(chat, limits=ApiLimits(max_queue=1))
+    full.submit(job("queued"))
+    with pytest.raises(ApiError, match="busy") as caught:
+        full.submit(job("one too many"))
+    assert caught.value.status == 503 and caught.value.code == "server_busy"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ API_KEY_ENV = "VISCPM_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
 SHUTDOWN_GRACE_S = 300
 """How long SIGTERM waits for the requests in flight before closing their connections."""
+PREPARE_GRACE_S = 0.25
+"""How long a batch being formed may wait, beyond ``--batch-wait-ms``, for requests that arrived within it but are
+still being read and checked (their images decoded)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,7 +495,7 @@ class _Job:
 class _ChatJob(_Job):
     question: str = ""
     context: str = ""
-    image: bytes = b""
+    image: bytes | None = None  # kept only for an image safety checker (the model uses `states`)
     image_key: str = ""
     pixel_values: torch.Tensor | None = None
     states: torch.Tensor | None = None
@@ -527,6 +530,7 @@ class Batcher:
         self.chat, self.pipe, self.limits = chat, pipe, limits
         self.max_batch_size, self.batch_wait = max(1, int(max_batch_size)), max(0.0, batch_wait_ms) / 1000.0
         self._pending: list[_Job] = []
+        self._arriving: list[float] = []  # when the requests now being read and checked came in
         self._cond = threading.Condition()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -549,6 +553,19 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def arriving(self) -> float:
+        """Note a request being read and checked before its `submit` (a companion the batch forming may wait for);
+        pass the returned stamp to `arrived` once it is submitted or refused."""
+        with self._cond:
+            stamp = time.monotonic()
+            self._arriving.append(stamp)
+            return stamp
+
+    def arrived(self, stamp: float) -> None:
+        with self._cond:
+            self._arriving.remove(stamp)
+            self._cond.notify_all()
 
     def submit(self, job: _Job) -> None:
         with self._cond:
@@ -621,10 +638,12 @@ class Batcher:
                         continue
                     batch.append(job)
                     rows += job.rows
-                left = deadline - time.monotonic()
-                if rows >= self.max_batch_size or left <= 0 or self._stopping:
+                now = time.monotonic()
+                # Requests that arrived in time but are still being read and checked are waited for (briefly).
+                expected = any(stamp <= deadline for stamp in self._arriving) and now < deadline + PREPARE_GRACE_S
+                if rows >= self.max_batch_size or self._stopping or (now >= deadline and not expected):
                     return batch
-                self._cond.wait(left)
+                self._cond.wait((deadline if now < deadline else deadline + PREPARE_GRACE_S) - now)
 
     def _states(self, job: _ChatJob) -> torch.Tensor:
         states = job.states if job.states is not None else self.cached_states(job.image_key)
@@ -844,10 +863,11 @@ class _ChatRequestParser:
         streams = ChatSession(self.chat, None, **options).streams
         seeded = samples and request.seed is not None
         batch_key = None if seeded else tuple(sorted(options.items()))
-        job = _ChatJob(key=batch_key, rows=rows, question=question, context=context, image=data,
-                       image_key=key, pixel_values=pixels, states=states, options=options, streams=streams,
-                       seed=request.seed if seeded else None, stops=stops, max_tokens=max_tokens,
-                       choices=request.n)
+        checked = getattr(self.chat, "image_safety_checker", None) is not None  # it reads the image itself
+        job = _ChatJob(key=batch_key, rows=rows, question=question, context=context,
+                       image=data if checked else None, image_key=key, pixel_values=pixels, states=states,
+                       options=options, streams=streams, seed=request.seed if seeded else None, stops=stops,
+                       max_tokens=max_tokens, choices=request.n)
         return job, tokens
 
     def _prompt_tokens(self, question: str, context: str) -> int:
@@ -1005,11 +1025,15 @@ def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str =
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _read_json(request, ChatCompletionRequest, limits)
-        check_model(body.model, "chat")
-        job, prompt_tokens = await run_in_threadpool(parser.job, body)
-        events = _Events(request)
-        events.submit(job, batcher)
+        stamp = batcher.arriving()
+        try:
+            body = await _read_json(request, ChatCompletionRequest, limits)
+            check_model(body.model, "chat")
+            job, prompt_tokens = await run_in_threadpool(parser.job, body)
+            events = _Events(request)
+            events.submit(job, batcher)
+        finally:
+            batcher.arrived(stamp)
         reply = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                      system_fingerprint=None)
         if body.stream:
