@@ -246,6 +246,10 @@ def _bad_requests(server) -> list:
         ("tools", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400,
          "unsupported_parameter", "tool calls"),
         ("unknown argument", dict(extra_body={"temprature": 0.5}), 400, "unknown_parameter", "temprature"),
+        ("content of a wrong type", dict(messages=[{"role": "user", "content": 5}]), 400, "invalid_value",
+         "must be a string or a list of parts"),
+        ("an audio part", dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]),
+         400, "invalid_value", "'text' or 'image_url'"),
         ("prompt too long", dict(messages=[_user("word " * 400, _png(5))]), 400, "context_length_exceeded",
          "over the limit of 200"),
         ("malformed JSON", lambda http: http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
@@ -501,8 +505,8 @@ def test_api_usage_errors(server, capsys):
 
 def test_sigterm_finishes_the_answer_in_flight_then_exits(server, client, library_chat):
     image, question = _png(8), "Tell me everything."
-    expected, _ = _answer(library_chat, image, question, **{**GREEDY, "max_new_tokens": 48})
-    stream = client.chat.completions.create(model=server["chat"], messages=[_user(question, image)], max_tokens=48,
+    expected, _ = _answer(library_chat, image, question, **{**GREEDY, "max_new_tokens": 24})
+    stream = client.chat.completions.create(model=server["chat"], messages=[_user(question, image)], max_tokens=24,
                                             temperature=0, stream=True)
     pieces = []
     for chunk in stream:

@@ -141,7 +141,7 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _ImageURL(_Body):
+class ImageURL(_Body):
     url: str
     detail: str | None = None
 
@@ -149,7 +149,7 @@ class _ImageURL(_Body):
 class _Part(_Body):
     type: Literal["text", "image_url"]
     text: str | None = None
-    image_url: _ImageURL | None = None
+    image_url: ImageURL | None = None
 
 
 class _Message(_Body):
@@ -248,8 +248,12 @@ async def _read_json(request: Request, schema: type[BaseModel], limits: ApiLimit
     try:
         return schema.model_validate(data)
     except ValidationError as error:
-        problem = error.errors()[0]
-        param = ".".join(str(part) for part in problem["loc"]) or None
+        # Of a union's alternatives (a message's content: a str or a list of parts), the one that got furthest.
+        problem = max(error.errors(), key=lambda problem: len(problem["loc"]))
+        param = ".".join(str(part) for part in problem["loc"] if not str(part).startswith(("str", "list["))) or None
+        if param and param.endswith(".content") and len(problem["loc"]) == 4:
+            raise _bad(f"{param} must be a string or a list of parts ({{'type': 'text', 'text': ...}} or "
+                       "{'type': 'image_url', 'image_url': {'url': ...}})", param, "invalid_value") from None
         if problem["type"] == "extra_forbidden":
             raise _bad(f"unrecognized request argument: {param}", param, "unknown_parameter") from None
         if problem["type"] == "missing":
