@@ -3,14 +3,16 @@
 
 A medium random VisCPM-Chat (BEiT-3 384x6 at 224 px, CPM-Bee 512x8, 64 image queries: the config of
 `bench_chat.py`) is written in the original checkpoint format and converted with the real converter, then served
-twice by the real command in a subprocess on 127.0.0.1: once batching (``--max-batch-size 16``), once one request
-at a time (``--max-batch-size 1``). Each of C clients (threads with the `openai` client) sends
-``--requests`` questions one after the other, each about its own image (a new random 224x224 PNG per request, so the vision
-cache does not help); the table gives completed requests and generated tokens (``usage.completion_tokens``) per
-second of wall time, and whether the two servers gave the same answers (they must: batching does not change an
-answer). A measurement script, not a test: nothing asserts on timing.
+by the real command twice at once, in subprocesses on 127.0.0.1: one batching (``--max-batch-size 16``), one
+serving one request at a time (``--max-batch-size 1``). Each level of clients runs ``--repeats`` times against each
+server in alternating order and the best run counts, so that other work on the machine weighs on both alike.
+Each of C clients (threads with the `openai` client) sends ``--requests`` questions one after the other, each about
+its own image (a new random 224x224 PNG per request, so the vision cache does not help); the table gives completed
+requests and generated tokens (``usage.completion_tokens``) per second of wall time, and whether the two servers
+gave the same answers to the same requests (they must: batching does not change an answer). A measurement
+script, not a test: nothing asserts on timing.
 
-    python benchmarks/bench_api.py [--decoding beam|greedy] [--max-tokens 32] [--requests 2]
+    python benchmarks/bench_api.py [--decoding beam|greedy] [--max-tokens 32] [--requests 2] [--repeats 2]
 """
 
 import argparse
@@ -93,32 +95,26 @@ def run_clients(base: str, clients: int, requests: int, args, offset: int) -> tu
     return seconds, sum(t for t, _ in results), {k: v for _, answers in results for k, v in answers.items()}
 
 
-def measure(model: str, batch: int, args) -> dict:
+def measure(bases: dict, clients: int, args) -> dict:
+    """One level of clients against each server, ``--repeats`` times in alternating order; the best run of each."""
     import httpx
-    from live_server import free_port, start, stop
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    process = start(["api", model, "--port", str(port), "--device", "cpu", "--max-batch-size", str(batch),
-                     "--batch-wait-ms", str(args.batch_wait_ms), "--max-tokens", str(args.max_tokens)],
-                    base + "/health", os.path.join(args.tmp, f"server-{batch}.log"), args.tmp)
-    rows = {}
-    try:
-        run_clients(base, 1, 1, args, offset=10_000)  # warm-up
-        for clients in CLIENTS:
-            before = httpx.get(base + "/health").json()
-            seconds, tokens, answers = run_clients(base, clients, args.requests, args, offset=clients * 1000)
-            after = httpx.get(base + "/health").json()
-            batches = after["batches"] - before["batches"]
+    best, first_answers = {}, {}
+    for repeat in range(args.repeats):
+        for name in (list(bases) if repeat % 2 == 0 else list(bases)[::-1]):
+            before = httpx.get(bases[name] + "/health").json()
+            seconds, tokens, answers = run_clients(bases[name], clients, args.requests, args,
+                                                   offset=clients * 1000 + repeat * 100)
+            batches = httpx.get(bases[name] + "/health").json()["batches"] - before["batches"]
             count = clients * args.requests
-            rows[clients] = dict(seconds=seconds, requests=count, tokens=tokens, answers=answers,
-                                 mean_batch=count / max(batches, 1))
-            print(f"  max batch {batch:2d}, {clients:2d} clients: {count / seconds:6.2f} req/s "
-                  f"{tokens / seconds:7.1f} tok/s ({count} requests, {tokens} tokens, {seconds:.1f} s, "
-                  f"{count / max(batches, 1):.1f} requests per batch)", flush=True)
-    finally:
-        stop(process)
-    return rows
+            print(f"  {name:>13}, {clients:2d} clients: {count / seconds:6.2f} req/s {tokens / seconds:7.1f} tok/s "
+                  f"({count} requests, {tokens} tokens, {seconds:.1f} s, {count / max(batches, 1):.1f} requests "
+                  "per batch)", flush=True)
+            first_answers.setdefault(name, answers)
+            if name not in best or seconds < best[name]["seconds"]:
+                best[name] = dict(seconds=seconds, requests=count, tokens=tokens, mean_batch=count / max(batches, 1))
+    best["same answers"] = first_answers["batched"] == first_answers["one at a time"]
+    return best
 
 
 def main():
@@ -127,26 +123,40 @@ def main():
                         help="beam: the default (chat()'s original beam search, 3 beams); greedy: temperature=0")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each level per server (the best counts)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from live_server import free_port, start, stop
 
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         print("building and converting the medium random model ...", flush=True)
         model = build_model(tmp)
-        batched = measure(model, 16, args)
-        alone = measure(model, 1, args)
+        bases, processes = {}, []
+        try:
+            for name, batch in (("batched", 16), ("one at a time", 1)):
+                port = free_port()
+                bases[name] = f"http://127.0.0.1:{port}"
+                processes.append(start(
+                    ["api", model, "--port", str(port), "--device", "cpu", "--max-batch-size", str(batch),
+                     "--batch-wait-ms", str(args.batch_wait_ms), "--max-tokens", str(args.max_tokens)],
+                    bases[name] + "/health", os.path.join(tmp, f"server-{batch}.log"), tmp))
+                run_clients(bases[name], 1, 1, args, offset=10_000)  # warm-up
+            results = {clients: measure(bases, clients, args) for clients in CLIENTS}
+        finally:
+            for process in processes:
+                stop(process)
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32; decoding {args.decoding}, max_tokens {args.max_tokens}, "
-          f"{args.requests} requests per client, --batch-wait-ms {args.batch_wait_ms:g}\n")
+          f"{args.requests} requests per client, best of {args.repeats}, --batch-wait-ms {args.batch_wait_ms:g}\n")
     print("| clients | one at a time: req/s | tok/s | batched (max 16): req/s | tok/s | requests per batch "
           "| speed-up | answers |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for clients in CLIENTS:
-        a, b = alone[clients], batched[clients]
-        same = "same" if a["answers"] == b["answers"] else "DIFFERENT"
+        a, b = results[clients]["one at a time"], results[clients]["batched"]
+        same = "same" if results[clients]["same answers"] else "DIFFERENT"
         speedup = (b["requests"] / b["seconds"]) / (a["requests"] / a["seconds"])
         print(f"| {clients} | {a['requests'] / a['seconds']:.2f} | {a['tokens'] / a['seconds']:.1f} "
               f"| {b['requests'] / b['seconds']:.2f} | {b['tokens'] / b['seconds']:.1f} | {b['mean_batch']:.1f} "
