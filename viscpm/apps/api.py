@@ -79,7 +79,8 @@ from viscpm.conversion.common import first_line
 
 from .common import AppError, decoding_options, load_chat, load_paint, paint_images
 
-__all__ = ["API_KEY_ENV", "ApiLimits", "build_app", "serve"]
+__all__ = ["API_KEY_ENV", "ApiError", "ApiLimits", "Batcher", "build_app", "check_image_header", "image_bytes",
+           "serve"]
 
 logger = logging.getLogger("viscpm.api")
 
@@ -363,7 +364,7 @@ def check_image_header(data: bytes, limits: ApiLimits) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def encode_image(chat, pixel_values: torch.Tensor) -> torch.Tensor:
+def _encode_image(chat, pixel_values: torch.Tensor) -> torch.Tensor:
     """Vision features of one preprocessed image, as `VisCPMChat.batch_chat` computes them (``[1, q, d]``)."""
     with torch.no_grad():
         return chat.model.get_vision_hidden_states(pixel_values.to(chat.device))
@@ -449,7 +450,7 @@ class _StopRows(StoppingCriteria):
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
-def generate_rows(chat, rows: list[_Row], options: dict, streams: bool) -> list:
+def _generate_rows(chat, rows: list[_Row], options: dict, streams: bool) -> list:
     """Run ``rows`` (each a (question, context, image features) of its job) as one `VisCPMChat.batch_chat` call.
 
     With transformers' decoding loop (``streams``: greedy search or sampling) a streamer passes each row's text on as
@@ -468,7 +469,7 @@ def generate_rows(chat, rows: list[_Row], options: dict, streams: bool) -> list:
                            **options, **extra)
 
 
-def count_tokens(tokenizer, row: _Row, text: str) -> int:
+def _count_tokens(tokenizer, row: _Row, text: str) -> int:
     """Tokens of an answer: as generated when the streamer counted them, otherwise ``text`` tokenized again."""
     if row.tokens is not None and not row.stopped:
         return row.tokens
@@ -652,7 +653,7 @@ class Batcher:
     def _states(self, job: _ChatJob) -> torch.Tensor:
         states = job.states if job.states is not None else self.cached_states(job.image_key)
         if states is None:
-            states = encode_image(self.chat, job.pixel_values)
+            states = _encode_image(self.chat, job.pixel_values)
             self.stats["images_encoded"] += 1
             with self._cache_lock:
                 self._cache[job.image_key] = states
@@ -691,12 +692,12 @@ class Batcher:
         rows = [_Row(job, index) for job in jobs for index in range(job.rows)]
         if jobs[0].seed is not None:
             torch.manual_seed(jobs[0].seed)
-        responses = generate_rows(self.chat, rows, jobs[0].options, jobs[0].streams)
+        responses = _generate_rows(self.chat, rows, jobs[0].options, jobs[0].streams)
         tokenizer = self.chat.processor.tokenizer
         results: dict[int, list] = {id(job): [None] * job.rows for job in jobs}
         for row, response in zip(rows, responses):
             text, stopped = row.finish(tokenizer.unescape(response.answer))
-            tokens = count_tokens(tokenizer, row, text)
+            tokens = _count_tokens(tokenizer, row, text)
             reason = "stop" if stopped or tokens < row.job.max_tokens else "length"
             results[id(row.job)][row.index] = (text, tokens, reason)
         self.stats["batches"] += 1
@@ -1146,7 +1147,7 @@ def _png_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def model_name(path: str) -> str:
+def _model_name(path: str) -> str:
     """The id a model is served under: a local folder's name, or the Hub repo id as given."""
     local = Path(path).expanduser()
     return local.resolve().name if local.exists() else path
@@ -1205,7 +1206,7 @@ def serve(chat_model: str, paint_model: str | None = None, host: str = "127.0.0.
     try:
         chat = load_chat(chat_model, dtype, device)
         pipe = load_paint(paint_model, dtype, device, progress=False) if paint_model is not None else None
-        app = build_app(chat, pipe, model_name(chat_model), model_name(paint_model) if paint_model else "",
+        app = build_app(chat, pipe, _model_name(chat_model), _model_name(paint_model) if paint_model else "",
                         api_key=api_key, limits=limits, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
@@ -1213,7 +1214,7 @@ def serve(chat_model: str, paint_model: str | None = None, host: str = "127.0.0.
                            "%s)", host, API_KEY_ENV)
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         logger.info("VisCPM API on http://%s:%d/v1: %s%s", host, port, ", ".join(
-            name for name in (model_name(chat_model), paint_model and model_name(paint_model)) if name),
+            name for name in (_model_name(chat_model), paint_model and _model_name(paint_model)) if name),
             " (API key required)" if api_key else "")
         _server(config).run(sockets=[sock])
     finally:
