@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each level per server (the best counts)")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="the server's (default: its default)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from live_server import free_port, start, stop

@@ -27,7 +27,8 @@ ones for the deterministic decodings); ``usage`` counts the prompt's tokens (ima
 
 Batching. One worker thread runs the model. Chat requests with the same decoding settings that arrive within
 ``--batch-wait-ms`` of each other run as one `VisCPMChat.batch_chat` call of up to ``--max-batch-size`` answers;
-a batched answer is the answer the request gets alone. Sampling with a ``seed`` runs alone (its random numbers are
+a batched answer is the answer the request gets alone. The wait happens only when the server is busy (requests
+queued or coming in, or the last batch had several), so a lone client's requests start at once. Sampling with a ``seed`` runs alone (its random numbers are
 its own). If a batch fails, its requests run again one by one, so one bad request fails alone.
 
 Limits (each a clear error; see `ApiLimits`): request body, image bytes and pixels (checked on the header, before
@@ -530,12 +531,13 @@ class _PaintJob(_Job):
 class Batcher:
     """The worker thread that runs every model call, batching compatible chat jobs (see the module docstring)."""
 
-    def __init__(self, chat, pipe=None, max_batch_size: int = 8, batch_wait_ms: float = 10.0,
+    def __init__(self, chat, pipe=None, max_batch_size: int = 8, batch_wait_ms: float = 50.0,
                  limits: ApiLimits = ApiLimits()):
         self.chat, self.pipe, self.limits = chat, pipe, limits
         self.max_batch_size, self.batch_wait = max(1, int(max_batch_size)), max(0.0, batch_wait_ms) / 1000.0
         self._pending: list[_Job] = []
         self._arriving: list[float] = []  # when the requests now being read and checked came in
+        self._last_batch = 1  # requests in the last chat batch
         self._cond = threading.Condition()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -632,7 +634,10 @@ class Batcher:
             batch, rows = [first], first.rows
             if first.key is None or self.max_batch_size == 1:
                 return batch
-            deadline = time.monotonic() + self.batch_wait
+            # Companions are waited for only when some are likely: the server is busy (others queued or arriving,
+            # or the last batch had several requests); a lone client's requests start at once.
+            busy = self._pending or self._arriving or self._last_batch > 1
+            deadline = time.monotonic() + (self.batch_wait if busy else 0.0)
             while True:
                 for job in [job for job in self._pending if job.key == first.key]:
                     if rows + job.rows > self.max_batch_size:
@@ -647,6 +652,7 @@ class Batcher:
                 # Requests that arrived in time but are still being read and checked are waited for (briefly).
                 expected = any(stamp <= deadline for stamp in self._arriving) and now < deadline + PREPARE_GRACE_S
                 if rows >= self.max_batch_size or self._stopping or (now >= deadline and not expected):
+                    self._last_batch = len(batch)
                     return batch
                 self._cond.wait((deadline if now < deadline else deadline + PREPARE_GRACE_S) - now)
 
@@ -962,7 +968,7 @@ def _sse(data: dict | str) -> str:
 
 def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str = "viscpm-paint",
               api_key: str | None = None, limits: ApiLimits = ApiLimits(), max_batch_size: int = 8,
-              batch_wait_ms: float = 10.0, allow_local_images: bool = False,
+              batch_wait_ms: float = 50.0, allow_local_images: bool = False,
               allow_remote_images: bool = False) -> FastAPI:
     """The FastAPI app around a loaded `VisCPMChat` (and optionally a `VisCPMPaintPipeline`)."""
     batcher = Batcher(chat, pipe, max_batch_size, batch_wait_ms, limits)
@@ -1191,7 +1197,7 @@ def _server(config):
 
 def serve(chat_model: str, paint_model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, dtype: str | None = None, device: str | None = None,
-          max_batch_size: int = 8, batch_wait_ms: float = 10.0, limits: ApiLimits = ApiLimits(),
+          max_batch_size: int = 8, batch_wait_ms: float = 50.0, limits: ApiLimits = ApiLimits(),
           allow_local_images: bool = False, allow_remote_images: bool = False, log_level: str = "info") -> None:
     """Load the models and serve the API until SIGTERM (or Ctrl-C); the requests in flight are finished first."""
     import uvicorn

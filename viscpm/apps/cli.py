@@ -393,8 +393,9 @@ def _api_parser(commands, parents) -> argparse.ArgumentParser:
                                        "VISCPM_API_KEY environment variable; none: no key)")
     api.add_argument("--max-batch-size", type=_positive_int, default=8,
                      help="answers generated together at most (default: %(default)s; 1: one request at a time)")
-    api.add_argument("--batch-wait-ms", type=_milliseconds, default=10.0,
-                     help="how long a request waits for companions to batch with (default: %(default)s)")
+    api.add_argument("--batch-wait-ms", type=_milliseconds, default=50.0,
+                     help="how long a request waits for companions to batch with, when the server is busy "
+                          "(default: %(default)s)")
     api.add_argument("--max-tokens", type=_positive_int, default=1024,
                      help="the largest max_tokens a request may ask for (default: %(default)s)")
     api.add_argument("--max-prompt-tokens", type=_positive_int, default=3000,
