@@ -35,6 +35,8 @@ setup(
     extras_require={
         # `viscpm serve`: the web app.
         "web": ["gradio>=6,<7"],
+        # `viscpm api`: the OpenAI-compatible HTTP server.
+        "api": ["fastapi>=0.115", "uvicorn>=0.30"],
         # 8-bit / 4-bit loading: `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`.
         "quantization": ["bitsandbytes>=0.50"],
         # The original implementation is the test oracle. Its packages (VisCPM==0.0.1.dev0,
@@ -59,6 +61,10 @@ setup(
             "requests-mock",
             "scipy",
             "torchsde",
+            # the API server's tests: the server and the real OpenAI client
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "openai>=1.50",
         ],
     },
     entry_points={"console_scripts": ["viscpm=viscpm_cli:main"]},

@@ -5,20 +5,16 @@ The server is the real command (the `viscpm serve` console script) in a subproce
 `VisCPMChat.chat` / the pipeline called in-process on the same folders. The last test stops it with Ctrl-C.
 """
 
-import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from live_server import free_port, start, stop
 from terminal import messages
 
 from viscpm.apps.cli import main
@@ -29,16 +25,9 @@ TOKENS = 6
 QUESTION_ZH = "这张图片里有什么？"
 FOLLOW_UP_ZH = "为什么？"
 BUILD = Path(__file__).resolve().parents[2] / "build"
-VISCPM = Path(sys.executable).with_name("viscpm")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,39 +38,15 @@ def server(tmp_path_factory, vocab_file):
     PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(image)
     other = root / "other.png"
     PIL.Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 56, 3), dtype=np.uint8)).save(other)
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    out, err = open(root / "server.out", "w+"), open(root / "server.err", "w+")
-    process = subprocess.Popen(
-        [str(VISCPM), "serve", str(chat_dir), str(paint_dir), "--port", str(port), "--max-new-tokens", str(TOKENS),
-         "--device", "cpu"],
-        stdout=out, stderr=err, cwd=root, env=env)
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            err.seek(0)
-            pytest.fail(f"the server did not start:\n{err.read()[-3000:]}")
-        time.sleep(0.5)
+    process = start(["serve", str(chat_dir), str(paint_dir), "--port", str(port), "--max-new-tokens", str(TOKENS),
+                     "--device", "cpu"], url, root / "server.out", root, stderr_path=root / "server.err")
     try:
         yield {"url": url, "root": root, "chat_dir": chat_dir, "paint_dir": paint_dir, "image": image, "other": other,
                "process": process, "stderr": root / "server.err"}
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        out.close()
-        err.close()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

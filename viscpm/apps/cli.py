@@ -5,6 +5,7 @@
     viscpm convert {chat,paint,cpmbee} ...          # the scripts under conversion/, one command
     viscpm demo                                     # offline: tiny random models, converted, chat + paint
     viscpm serve MODEL_CHAT MODEL_PAINT [--port N]  # the gradio web app
+    viscpm api CHAT_MODEL [--paint PAINT_MODEL]     # an OpenAI-compatible HTTP API (FastAPI + uvicorn)
     viscpm push DIR REPO_ID [...]                   # upload to the Hugging Face Hub (conversion/push_to_hub.py)
 
 Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C). Errors are one line on stderr
@@ -248,6 +249,24 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+def cmd_api(args) -> int:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise AppError(f"the API server needs {' and '.join(missing)}: pip install 'viscpm-hf[api]'")
+    check_model(args.chat_model, "chat")
+    if args.paint is not None:
+        check_model(args.paint, "paint")
+    from .api import ApiLimits, serve
+
+    limits = ApiLimits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                       max_image_pixels=args.max_image_pixels, max_image_bytes=int(args.max_image_mb * 2**20),
+                       max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue)
+    serve(args.chat_model, args.paint, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+          device=args.device, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, limits=limits,
+          allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The parser and main
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +290,7 @@ _port = _number(low=1, high=65535)
 _positive_float = _number(float, above=0)
 _probability = _number(float, above=0, high=1)
 _finite_float = _number(float)
+_milliseconds = _number(float, low=0, high=60_000)
 
 
 def _image_size(text: str) -> int:
@@ -377,6 +397,44 @@ def _serve_parser(commands, parents) -> argparse.ArgumentParser:
     return serve
 
 
+def _api_parser(commands, parents) -> argparse.ArgumentParser:
+    api = commands.add_parser(
+        "api", parents=parents, help="an OpenAI-compatible HTTP API (chat completions, image generations)",
+        description="Serve /v1/chat/completions (and /v1/images/generations with --paint), /v1/models and /health "
+                    "for any OpenAI client. Stateless: run one per GPU behind a load balancer to scale out. SIGTERM "
+                    "finishes the requests in flight, then exits.")
+    api.add_argument("chat_model", metavar="CHAT_MODEL", help="a converted VisCPM-Chat folder (or Hub repo id)")
+    api.add_argument("--paint", metavar="PAINT_MODEL", help="a converted VisCPM-Paint folder: serves image generation")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for "
+                                                         "every interface: set an API key)")
+    api.add_argument("--port", type=_port, default=8000, help="default: %(default)s")
+    api.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every path but /health (default: the "
+                                       "VISCPM_API_KEY environment variable; none: no key)")
+    api.add_argument("--max-batch-size", type=_positive_int, default=8,
+                     help="answers generated together at most (default: %(default)s; 1: one request at a time)")
+    api.add_argument("--batch-wait-ms", type=_milliseconds, default=50.0,
+                     help="how long a request waits for companions to batch with, when the server is busy "
+                          "(default: %(default)s)")
+    api.add_argument("--max-tokens", type=_positive_int, default=1024,
+                     help="the largest max_tokens a request may ask for (default: %(default)s)")
+    api.add_argument("--max-prompt-tokens", type=_positive_int, default=3000,
+                     help="longest prompt, image slots and history included (default: %(default)s)")
+    api.add_argument("--max-image-pixels", type=_positive_int, default=25_000_000,
+                     help="largest image, width x height (default: %(default)s)")
+    api.add_argument("--max-image-mb", type=_positive_float, default=10.0, help="largest image file (default: "
+                                                                               "%(default)s MiB)")
+    api.add_argument("--max-body-mb", type=_positive_float, default=20.0, help="largest request body (default: "
+                                                                              "%(default)s MiB)")
+    api.add_argument("--max-queue", type=_positive_int, default=256,
+                     help="requests waiting for the model before new ones get 503 (default: %(default)s)")
+    api.add_argument("--allow-local-images", action="store_true",
+                     help="accept image_url paths on the server's disk (file://... or /path)")
+    api.add_argument("--allow-remote-images", action="store_true",
+                     help="fetch http(s) image_url addresses (10 s timeout)")
+    api.set_defaults(func=cmd_api)
+    return api
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = ScriptArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -400,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     }
     commands.add_parser("push", parents=[common], add_help=False,
                         help="upload a converted folder or adapter to the Hugging Face Hub (`viscpm push --help`)")
-    parser.commands.update(demo=_demo_parser(commands, [common]), serve=_serve_parser(commands, [common, runtime]))
+    parser.commands.update(demo=_demo_parser(commands, [common]), serve=_serve_parser(commands, [common, runtime]),
+                           api=_api_parser(commands, [common, runtime]))
     return parser
 
 

@@ -124,11 +124,15 @@ def _llm_config(vocab_size: int) -> dict:
     return {**TINY_LLM_CONFIG, "vocab_size": vocab_size}
 
 
-def build_tiny_chat_checkpoint(folder: Path, vocab_size: int, seed: int = 0) -> dict[str, Path]:
-    """Write ``viscpm_chat_tiny.pt`` (original format, random weights), ``llm.json`` and ``vision.json``."""
+def build_tiny_chat_checkpoint(folder: Path, vocab_size: int, seed: int = 0, llm_overrides: dict | None = None,
+                               vision_overrides: dict | None = None, query_num: int = TINY_QUERY_NUM
+                               ) -> dict[str, Path]:
+    """Write ``viscpm_chat_tiny.pt`` (original format, random weights), ``llm.json`` and ``vision.json``; the
+    overrides (original config keys) make a larger model of the same kind, e.g. for benchmarks."""
 
-    llm, vision = _llm_config(vocab_size), dict(TINY_VISION_CONFIG)
-    config = build_chat_config(llm, vision, TINY_QUERY_NUM)
+    llm = {**_llm_config(vocab_size), **(llm_overrides or {})}
+    vision = {**TINY_VISION_CONFIG, **(vision_overrides or {})}
+    config = build_chat_config(llm, vision, query_num)
     torch.manual_seed(seed)
     model = VisCPMChatForConditionalGeneration(config).eval()
     files = {"checkpoint": folder / "viscpm_chat_tiny.pt", "llm_config": folder / "llm.json",
