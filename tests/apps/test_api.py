@@ -490,7 +490,7 @@ def test_api_usage_errors(server, capsys):
     assert main(["api", str(server["chat_dir"]), "--port", "70000"]) == 2
     assert "at most 65535" in capsys.readouterr().err
     assert main(["api", str(server["chat_dir"]), "--batch-wait-ms", "-1"]) == 2
-    assert "between 0 and 60000" in capsys.readouterr().err
+    assert "at least 0 and at most 60000" in capsys.readouterr().err
     assert main(["api", str(server["root"] / "missing")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "missing not found" in err

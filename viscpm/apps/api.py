@@ -531,9 +531,9 @@ class _PaintJob(_Job):
 class Batcher:
     """The worker thread that runs every model call, batching compatible chat jobs (see the module docstring)."""
 
-    def __init__(self, chat, pipe=None, max_batch_size: int = 8, batch_wait_ms: float = 50.0,
+    def __init__(self, chat, painter=None, max_batch_size: int = 8, batch_wait_ms: float = 50.0,
                  limits: ApiLimits = ApiLimits()):
-        self.chat, self.pipe, self.limits = chat, pipe, limits
+        self.chat, self.painter, self.limits = chat, painter, limits
         self.max_batch_size, self.batch_wait = max(1, int(max_batch_size)), max(0.0, batch_wait_ms) / 1000.0
         self._pending: list[_Job] = []
         self._arriving: list[float] = []  # when the requests now being read and checked came in
@@ -719,7 +719,7 @@ class Batcher:
 
     def _paint(self, job: _PaintJob) -> None:
         try:
-            images, _ = paint_images(self.pipe, job.prompt, job.negative_prompt, steps=job.steps, seed=job.seed,
+            images, _ = paint_images(self.painter, job.prompt, job.negative_prompt, steps=job.steps, seed=job.seed,
                                      size=job.size, num_images=job.rows, guidance_scale=job.guidance_scale)
         except AppError as error:
             job.fail(_bad(str(error), "prompt"))
@@ -966,17 +966,17 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str = "viscpm-paint",
+def build_app(chat, painter=None, chat_name: str = "viscpm-chat", paint_name: str = "viscpm-paint",
               api_key: str | None = None, limits: ApiLimits = ApiLimits(), max_batch_size: int = 8,
               batch_wait_ms: float = 50.0, allow_local_images: bool = False,
               allow_remote_images: bool = False) -> FastAPI:
-    """The FastAPI app around a loaded `VisCPMChat` (and optionally a `VisCPMPaintPipeline`)."""
-    batcher = Batcher(chat, pipe, max_batch_size, batch_wait_ms, limits)
+    """The FastAPI app around a loaded `VisCPMChat` (and optionally a `VisCPMPaint`)."""
+    batcher = Batcher(chat, painter, max_batch_size, batch_wait_ms, limits)
     parser = _ChatRequestParser(chat, batcher, limits, allow_local_images, allow_remote_images)
-    if limits.max_prompt_tokens > (chat.processor.max_length or 0):
-        chat.processor.max_length = limits.max_prompt_tokens
+    if limits.max_prompt_tokens > (chat.processor.max_prompt_length or 0):
+        chat.processor.max_prompt_length = limits.max_prompt_tokens
     created = int(time.time())
-    models = {chat_name: "chat", **({paint_name: "paint"} if pipe is not None else {})}
+    models = {chat_name: "chat", **({paint_name: "paint"} if painter is not None else {})}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -1101,7 +1101,7 @@ def build_app(chat, pipe=None, chat_name: str = "viscpm-chat", paint_name: str =
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
-        if pipe is None:
+        if painter is None:
             raise ApiError(404, "this server has no image model: start it with --paint PAINT_MODEL", "model",
                            "model_not_found")
         body = await _read_json(request, ImageGenerationRequest, limits)
@@ -1211,8 +1211,8 @@ def serve(chat_model: str, paint_model: str | None = None, host: str = "127.0.0.
     sock = _listen(host, port)
     try:
         chat = load_chat(chat_model, dtype, device)
-        pipe = load_paint(paint_model, dtype, device, progress=False) if paint_model is not None else None
-        app = build_app(chat, pipe, _model_name(chat_model), _model_name(paint_model) if paint_model else "",
+        painter = load_paint(paint_model, dtype, device, progress=False) if paint_model is not None else None
+        app = build_app(chat, painter, _model_name(chat_model), _model_name(paint_model) if paint_model else "",
                         api_key=api_key, limits=limits, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                         allow_local_images=allow_local_images, allow_remote_images=allow_remote_images)
         if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
