@@ -1,13 +1,43 @@
+"""Fixtures and hooks shared by every test layer.
+
+Oracle tests. The original VisCPM (tests/oracle.py, over the installed VisCPM, torchscale and fairscale packages) is
+the parity oracle; ``pytest -m "not oracle"`` runs everything else, and runs where the original is not installed.
+The rule:
+
+* A test that uses the original is an oracle test: it asks for the `oracle` fixture (the module tests/oracle.py),
+  directly or through a fixture that does, and is then marked here; or it carries ``pytest.mark.oracle`` (itself, its
+  class, or its module's ``pytestmark``) and imports what it needs from ``oracle`` inside its body. Test modules
+  never import ``oracle`` at module level unless all their tests are oracle tests.
+* Tests that hard-code ids or pieces of the real vocabulary are oracle tests as well.
+* The shared fixtures (`vocab_file`, `chat_files`, `chat`, `paint`, ...) take the original's files and models when
+  it is installed and stand-ins of the same format when it is not (tests/originals.py); the original model in them
+  is then an `originals.Missing`, which fails when used. Only oracle tests use the original model.
+* While a test that is not marked runs, the original and tests/oracle.py cannot be imported (tests/without_original.py),
+  so a forgotten mark fails here as it would where the original is missing. tests/test_oracle_split.py collects the
+  suite with the original blocked: every module must import, and the non-oracle tests must be most of the suite.
+"""
+
 import pytest
 import torch
+
+import originals
+import without_original
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The original VisCPM (tests/oracle.py): a test that asks for it, directly or through its fixtures, is an oracle
+    test."""
+    import oracle as module
+
+    return module
 
 
 @pytest.fixture(scope="session")
 def vocab_file():
-    """The CPM-Bee vocabulary, taken from the installed original package (never stored in this repo)."""
-    from oracle import VOCAB_FILE
-
-    return VOCAB_FILE
+    """The CPM-Bee vocabulary: the installed original package's bee.txt, or a stand-in of the same format (never
+    stored in this repo)."""
+    return originals.vocab_file()
 
 
 def load_script(name):
@@ -22,24 +52,23 @@ CHAT_QUERY_NUM = 64
 
 @pytest.fixture(scope="session")
 def chat_files(tmp_path_factory):
-    """A tiny original VisCPM-Chat (`VLU_CPMBee`, random fp32 weights) and its checkpoint in the original format."""
+    """A tiny VisCPM-Chat checkpoint in the original format: (original `VLU_CPMBee` in fp32 with random weights, or an
+    `originals.Missing` without the original; folder; checkpoint)."""
     import json
 
-    import torch
-    from oracle import TINY_ORIGINAL_CONFIG, TINY_VISION_CONFIG, build_original_vlu
-
     root = tmp_path_factory.mktemp("chat")
-    vlu = build_original_vlu(seed=0, query_num=CHAT_QUERY_NUM)
+    vlu, state = originals.chat_checkpoint(seed=0, query_num=CHAT_QUERY_NUM)
     checkpoint = root / "viscpm_chat.pt"
-    torch.save(vlu.state_dict(), checkpoint)
-    (root / "llm.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
-    (root / "vision.json").write_text(json.dumps(TINY_VISION_CONFIG))
+    torch.save(state, checkpoint)
+    (root / "llm.json").write_text(json.dumps(originals.TINY_ORIGINAL_CONFIG))
+    (root / "vision.json").write_text(json.dumps(originals.TINY_VISION_CONFIG))
     return vlu, root, checkpoint
 
 
 @pytest.fixture(scope="session")
 def chat(chat_files, vocab_file):
-    """(original VLU_CPMBee, our model, our tokenizer, folder): converted by the script, loaded by Auto classes."""
+    """(original VLU_CPMBee or `originals.Missing`, our model, our tokenizer, folder): converted by the script,
+    loaded by Auto classes."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from viscpm import VisCPMChatForConditionalGeneration
@@ -149,12 +178,25 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Conformance tests see FutureWarning and DeprecationWarning (pytest.ini ignores them elsewhere): the upstream
-    tests check for some, e.g. the deprecation of ``past_key_values``."""
+    """Mark the tests that ask for the `oracle` fixture. Conformance tests see FutureWarning and DeprecationWarning
+    (pytest.ini ignores them elsewhere): the upstream tests check for some, e.g. the deprecation of
+    ``past_key_values``."""
     from pathlib import Path
 
     conformance = Path(__file__).resolve().parent / "conformance"
     for item in items:
+        if "oracle" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.oracle)
         if conformance in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.filterwarnings("default::FutureWarning"))
             item.add_marker(pytest.mark.filterwarnings("default::DeprecationWarning"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test not marked `oracle` runs with the original out of reach."""
+    if item.get_closest_marker("oracle") is not None:
+        yield
+        return
+    with without_original.hidden():
+        yield

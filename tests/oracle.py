@@ -39,20 +39,8 @@ import VisCPM.cpm_tokenizers.bee as _bee  # noqa: E402
 
 VOCAB_FILE = os.path.join(os.path.dirname(_bee.__file__), "vocabs", "bee.txt")
 
-TINY_ORIGINAL_CONFIG = dict(
-    vocab_size=86583,
-    dim_model=32,
-    num_heads=4,
-    dim_head=8,
-    dim_ff=48,
-    num_layers=2,
-    dropout_p=0.0,
-    position_bias_num_buckets=32,
-    position_bias_num_segment_buckets=32,
-    position_bias_max_distance=64,
-    eps=1e-6,
-    half=False,
-)
+# The tiny configs live in tests/originals.py, which builds stand-ins of the same models without the original.
+from originals import TINY_ORIGINAL_CONFIG, TINY_VISION_CONFIG  # noqa: E402
 
 
 def build_original_cpmbee(seed: int = 0, **overrides) -> "OriginalCpmBee":
@@ -221,17 +209,6 @@ def original_paint_images(paint, prompts, negative_prompts=None, **generate_kwar
 # ---------------------------------------------------------------------------------------------------------
 # VisCPM-Chat (appended): a tiny original VLU_CPMBee (BEiT-3 via torchscale + the tiny CPM-Bee above)
 # ---------------------------------------------------------------------------------------------------------
-
-TINY_VISION_CONFIG = dict(
-    encoder_embed_dim=24,
-    encoder_layers=2,
-    encoder_attention_heads=4,
-    encoder_ffn_embed_dim=40,
-    img_size=32,
-    patch_size=8,
-    vocab_size=100,
-)
-
 
 def build_original_vlu(seed: int = 0, query_num: int = 64, vision_overrides=None, **llm_overrides):
     """A tiny original `VLU_CPMBee` in fp32 with random weights: torchscale BEiT-3 with the flags of VisCPM's

@@ -1,14 +1,16 @@
 """The tiny VisCPM-Paint shared by the Paint tests of every layer (tests/modeling, tests/conversion, tests/user_api).
 
-A tiny random original Paint (CPM-Bee, bridge, UNet) is saved in the original checkpoint format, converted with
-our converter (VAE, scheduler and UNet config from a tiny local "SD base" folder) and loaded as a
-`VisCPMPaintPipeline`; the tests compare it in fp32 with the original's text states and images for the same
-generator. The fixtures are registered in conftest.py.
+A tiny random original Paint (CPM-Bee, bridge, UNet) is saved in the original checkpoint format (by the original
+when it is installed, else as a stand-in of the same format: tests/originals.py), converted with our converter (VAE,
+scheduler and UNet config from a tiny local "SD base" folder) and loaded as a `VisCPMPaintPipeline`; the oracle tests
+compare it in fp32 with the original's text states and images for the same generator. The fixtures are registered
+in conftest.py.
 """
 
 import contextlib
 import json
 
+import originals
 import pytest
 import torch
 
@@ -37,9 +39,9 @@ def _bert_vocab(folder):
 
 @pytest.fixture(scope="session")
 def paint(tmp_path_factory, vocab_file):
-    """The original Paint, our converted folder and the pipeline loaded from it (no optional parts)."""
+    """The original Paint (`originals.Missing` without the original), our converted folder and the pipeline loaded
+    from it (no optional parts)."""
     from diffusers import DDPMScheduler
-    from oracle import TINY_ORIGINAL_CONFIG, build_original_cpmbee, build_original_paint, original_paint_state_dict
 
     from viscpm import VisCPMPaintPipeline
 
@@ -47,10 +49,10 @@ def paint(tmp_path_factory, vocab_file):
     unet, vae = tiny_unet(), tiny_vae()
     sd_base = write_sd_base(root / "sd-base", unet, vae)
     scheduler = DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler")  # as the original loads it
-    original = build_original_paint(build_original_cpmbee(seed=0), unet, vae, scheduler)
+    original, state = originals.paint_checkpoint(unet, vae, scheduler, seed=0)
     checkpoint = root / "viscpm_paint_checkpoint.pt"
-    torch.save(original_paint_state_dict(original), checkpoint)
-    (root / "llm.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
+    torch.save(state, checkpoint)
+    (root / "llm.json").write_text(json.dumps(originals.TINY_ORIGINAL_CONFIG))
 
     argv = ["--checkpoint", str(checkpoint), "--output-dir", str(root / "hf"), "--llm-config", str(root / "llm.json"),
             "--sd-base", str(sd_base), "--vocab-file", vocab_file, "--no-progress"]

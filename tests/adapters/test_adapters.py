@@ -346,6 +346,7 @@ def test_lora_targets_only_cpmbee_projections(setup):
 # -- Paint -----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_paint_adapter_loss_matches_original_and_goes_down(vocab_file, tmp_path):
     """The Paint objective equals the original `VLG_CPMBee.forward` loss for the same weights and seed; a few LoRA
     steps on the text encoder (+ UNet cross-attention) lower it; the adapter folder loads into `VisCPMPaint`."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.oracle  # the bench builds the original next to ours
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
 BOTH_RUN = [f"chat_beam{beams}_{mode}" for beams in (1, 3) for mode in ("dynamic", "static", "compile")]
 CUDA_ONLY = [f"chat_{shape}_cuda_graph" for shape in ("beam1", "beam3", "batch8")]

@@ -13,10 +13,11 @@ TINY_VOCAB_LINES = 120  # the special tokens, ASCII punctuation, digits and lett
 
 @functools.cache
 def tiny_tokenizer(tmp_root: str) -> CpmBeeTokenizer:
-    """The first `TINY_VOCAB_LINES` lines of bee.txt (taken from the installed original package) as a vocabulary."""
-    from oracle import VOCAB_FILE
+    """The first `TINY_VOCAB_LINES` lines of bee.txt (taken from the installed original package, or of its stand-in:
+    tests/originals.py) as a vocabulary."""
+    from originals import vocab_file
 
-    lines = Path(VOCAB_FILE).read_text(encoding="utf-8").splitlines()[:TINY_VOCAB_LINES]
+    lines = Path(vocab_file()).read_text(encoding="utf-8").splitlines()[:TINY_VOCAB_LINES]
     path = Path(tmp_root) / "tiny_vocab.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return CpmBeeTokenizer(str(path))

@@ -42,9 +42,9 @@ TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hea
 
 @lru_cache(maxsize=1)
 def _tokenizer() -> CpmBeeTokenizer:
-    from oracle import VOCAB_FILE  # the CPM-Bee vocabulary of the installed original package
+    from originals import vocab_file  # the installed original package's bee.txt, or a stand-in of its format
 
-    return CpmBeeTokenizer(VOCAB_FILE)
+    return CpmBeeTokenizer(vocab_file())
 
 
 def _register_pipeline_for_upstream():

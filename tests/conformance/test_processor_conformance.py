@@ -1,17 +1,17 @@
 """transformers' own `ProcessorTesterMixin` (5.24, run from the shared upstream folder) against VisCPMChatProcessor.
 
-The parts are the real tokenizer (the original's vocabulary, from the oracle package) and the image processor; the
-processor is saved and loaded the standard way (`from_pretrained`, `AutoTokenizer` / `AutoImageProcessor` for the
-parts) with 8 image slots, so that upstream's padding lengths hold whole prompts.
+The parts are the real tokenizer (the original's vocabulary, from the oracle package; a stand-in of the same format
+without it, tests/originals.py) and the image processor; the processor is saved and loaded the standard way
+(`from_pretrained`, `AutoTokenizer` / `AutoImageProcessor` for the parts) with 8 image slots, so that upstream's
+padding lengths hold whole prompts.
 """
 
 import unittest
 
 import upstream  # noqa: F401  (puts the upstream test folders on sys.path)
+from originals import vocab_file
 from skipping import skipped_tests
 from tests.test_processing_common import ProcessorTesterMixin
-
-from oracle import VOCAB_FILE
 
 import viscpm  # noqa: F401  (registers the Auto classes)
 from viscpm.modeling import CpmBeeTokenizer, VisCPMChatProcessor, VisCPMImageProcessor
@@ -51,7 +51,7 @@ class VisCPMChatProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_tokenizer(cls):
-        return CpmBeeTokenizer(VOCAB_FILE)
+        return CpmBeeTokenizer(vocab_file())
 
     @staticmethod
     def prepare_processor_dict():

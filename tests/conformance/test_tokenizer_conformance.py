@@ -1,8 +1,9 @@
 """transformers' own `TokenizerTesterMixin` (5.24, run from the shared upstream folder) against CpmBeeTokenizer.
 
-The tokenizer is the real one (the original's 86,583-piece vocabulary, taken from the installed oracle package) and
-is loaded the standard way, through `AutoTokenizer` from a saved folder. `test_integration` compares its pieces, ids
-and decoded text with the original VisCPM tokenizer's on upstream's test string (pieces outside the vocabulary are
+The tokenizer is the real one (the original's 86,583-piece vocabulary, taken from the installed oracle package; a
+stand-in of the same format without it, tests/originals.py) and is loaded the standard way, through `AutoTokenizer`
+from a saved folder. `test_integration` (an oracle test) compares its pieces, ids and decoded text with the original
+VisCPM tokenizer's on upstream's test string (pieces outside the vocabulary are
 `<unk>` in plain-text ids, as for any transformers tokenizer; CPM-Bee dicts keep them apart in the ext table).
 """
 
@@ -10,11 +11,11 @@ import shutil
 import tempfile
 import unittest
 
+import pytest
 import upstream  # noqa: F401  (puts the upstream test folders on sys.path)
+from originals import vocab_file
 from skipping import skipped_tests
 from tests.test_tokenization_common import TokenizerTesterMixin
-
-from oracle import VOCAB_FILE, OriginalTokenizer
 
 import viscpm  # noqa: F401  (registers the Auto classes)
 from viscpm.modeling import CpmBeeConfig, CpmBeeTokenizer
@@ -53,23 +54,29 @@ class CpmBeeTokenizationTest(TokenizerTesterMixin, unittest.TestCase):
     def setUpClass(cls):
         # A saved tokenizer folder that AutoTokenizer resolves (config.json of model type "cpmbee").
         cls.source_dir = tempfile.mkdtemp()
-        CpmBeeTokenizer(VOCAB_FILE).save_pretrained(cls.source_dir)
+        CpmBeeTokenizer(vocab_file()).save_pretrained(cls.source_dir)
         CpmBeeConfig().save_pretrained(cls.source_dir)
         cls.from_pretrained_id = [cls.source_dir]
-        # test_integration: the original tokenizer's pieces and decoding of upstream's test string.
-        original = OriginalTokenizer()
-        text = cls.integration_test_input_string
-        ids, _ = original.encode(text)
-        unk = original.encoder[original.unk_token]
-        cls.integration_expected_tokens = [piece.token for piece in original.tokenize(text)]
-        cls.integration_expected_token_ids = [index if index < original.vocab_size else unk for index in ids]
-        cls.integration_expected_decoded_text = original.decode(cls.integration_expected_token_ids)
         super().setUpClass()
 
     @classmethod
     def tearDownClass(cls):
         super().tearDownClass()
         shutil.rmtree(cls.source_dir, ignore_errors=True)
+
+    @pytest.mark.oracle
+    def test_integration(self):
+        """Upstream's check, expecting the original tokenizer's pieces and decoding of upstream's test string."""
+        from oracle import OriginalTokenizer
+
+        original = OriginalTokenizer()
+        text = self.integration_test_input_string
+        ids, _ = original.encode(text)
+        unk = original.encoder[original.unk_token]
+        self.integration_expected_tokens = [piece.token for piece in original.tokenize(text)]
+        self.integration_expected_token_ids = [index if index < original.vocab_size else unk for index in ids]
+        self.integration_expected_decoded_text = original.decode(self.integration_expected_token_ids)
+        super().test_integration()
 
     # Upstream marks it slow for large vocabularies; for this one it takes about a second: run it.
     def test_conversion_reversible(self):

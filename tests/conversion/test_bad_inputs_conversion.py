@@ -22,7 +22,7 @@ import torch
 from conftest import CHAT_QUERY_NUM, tiny_unet, tiny_vae, write_sd_base
 from fake_hub_api import calls
 from fake_hub_api import fake_api  # noqa: F401  (a fixture)
-from oracle import TINY_ORIGINAL_CONFIG, VOCAB_FILE, build_original_cpmbee
+from originals import TINY_ORIGINAL_CONFIG, cpmbee_checkpoint
 
 import viscpm.conversion.push_to_hub as hub
 from viscpm.conversion import convert_cpmbee, convert_viscpm_chat, convert_viscpm_paint
@@ -113,10 +113,10 @@ def _hard_link_tree(source: Path, target: Path):
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory, chat_files):
+def sources(tmp_path_factory, chat_files, vocab_file):
     """Tiny original CPM-Bee, Chat and Paint checkpoints with their configs, a local SD base, the vocabulary."""
     root = tmp_path_factory.mktemp("bad-input-sources")
-    bee = {key: tensor.detach().clone() for key, tensor in build_original_cpmbee(seed=1).state_dict().items()}
+    _, bee = cpmbee_checkpoint(seed=1)
     torch.save(bee, root / "bee.pt")
     (root / "bee.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
     _, chat_root, chat_checkpoint = chat_files
@@ -133,7 +133,7 @@ def sources(tmp_path_factory, chat_files):
     paint["trans_block.layernorm.bias"] = torch.zeros(cross)
     paint.update({"unet." + key: tensor.detach().clone() for key, tensor in unet.state_dict().items()})
     torch.save(paint, root / "paint.pt")
-    shutil.copyfile(VOCAB_FILE, root / "bee.txt")
+    shutil.copyfile(vocab_file, root / "bee.txt")
     return root
 
 

@@ -1,7 +1,7 @@
 """The checkpoint converter: original CPM-Bee state dict -> Hugging Face folder.
 
 A tiny original model with random weights is saved in the original format (``torch.save`` of its
-state dict), converted with the library and with the script, reloaded with ``from_pretrained`` and
+state dict; a stand-in of the same format without the original, tests/originals.py), converted with the library and with the script, reloaded with ``from_pretrained`` and
 compared weight by weight. Then every kind of bad input must give one clear line, and a crash while
 writing must leave nothing that looks like a model folder. Logit parity lives in test_modeling.py.
 """
@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import originals
 import torch
-from oracle import TINY_ORIGINAL_CONFIG, build_original_cpmbee
+from originals import TINY_ORIGINAL_CONFIG
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,7 +46,7 @@ script = _load_script()
 @pytest.fixture(scope="module")
 def original():
     """The original state dict (fp32, random weights)."""
-    return {key: tensor.detach().clone() for key, tensor in build_original_cpmbee(seed=1).state_dict().items()}
+    return originals.cpmbee_checkpoint(seed=1)[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,7 @@ def test_llm_prefixed_sharded_bfloat16(tmp_path, original, vocab_file):
     _assert_same_weights(out, original, dtype=torch.bfloat16)
 
 
+@pytest.mark.oracle
 def test_script_with_default_vocabulary(tmp_path, files, original):
     """The script in a subprocess, taking the vocabulary from the installed original package."""
     checkpoint, config = files

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 from conftest import CHAT_QUERY_NUM, load_script
-from oracle import TINY_VISION_CONFIG
+from originals import TINY_VISION_CONFIG
 from transformers import AutoModelForImageTextToText
 
 import viscpm  # noqa: F401  (registers the Auto classes)
@@ -24,9 +24,9 @@ from viscpm.conversion.convert_viscpm_chat import (
 QUERY_NUM = CHAT_QUERY_NUM
 
 
-def test_weights_converted_one_to_one(chat):
-    vlu, model, _, folder = chat
-    original = vlu.state_dict()
+def test_weights_converted_one_to_one(chat, chat_files):
+    _, model, _, folder = chat
+    original = torch.load(chat_files[2], weights_only=True)  # the original `VLU_CPMBee`'s state dict
     ours = model.state_dict()
     assert len(ours) == len(original) - len(CHAT_DROPPED_KEYS)
     assert torch.equal(ours["query"], original["query"])
@@ -60,16 +60,17 @@ def _convert(checkpoint, output, root, **kwargs):
     )
 
 
-def test_paint_and_cpmbee_checkpoints_are_refused(chat_files, tmp_path, capsys):
-    vlu, root, _ = chat_files
-    state = vlu.state_dict()
+def test_paint_and_cpmbee_checkpoints_are_refused(chat_files, vocab_file, tmp_path, capsys):
+    _, root, checkpoint = chat_files
+    state = torch.load(checkpoint, weights_only=True)
     paint = {k: v for k, v in state.items() if k.startswith("llm.")}
     paint["trans_block.0.weight"] = torch.zeros(4, 32)
     paint["unet.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
     torch.save(paint, tmp_path / "paint.pt")
     with pytest.raises(ConversionError, match="VisCPM-Paint checkpoint"):
         _convert(tmp_path / "paint.pt", tmp_path / "out", root)
-    status = load_script("convert_viscpm_chat").main(["--checkpoint", str(tmp_path / "paint.pt"), "--output-dir", str(tmp_path / "out")])
+    argv = ["--checkpoint", str(tmp_path / "paint.pt"), "--output-dir", str(tmp_path / "out"), "--vocab-file", vocab_file]
+    status = load_script("convert_viscpm_chat").main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1 and "VisCPM-Paint" in err[0]
     llm_only = {k: v for k, v in state.items() if k.startswith("llm.")}

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from originals import vocab_file as _vocab_file
 from paint_testing import convert_main
 
 from conftest import tiny_unet, tiny_vae, write_sd_base
@@ -25,12 +26,15 @@ def test_converted_folder(paint):
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
     pipe = paint["pipe"]
     assert isinstance(pipe.scheduler, DDPMScheduler)  # the original's sampler, from SD's PNDM config
-    original = paint["original"]
-    for name, tensor in original.sd.unet.state_dict().items():
+    checkpoint = torch.load(paint["checkpoint"], weights_only=True)  # the original Paint's UNet under "unet."
+    unet = {name[len("unet."):]: tensor for name, tensor in checkpoint.items() if name.startswith("unet.")}
+    assert set(unet) == set(pipe.unet.state_dict())
+    for name, tensor in unet.items():
         assert torch.equal(pipe.unet.state_dict()[name], tensor), name
 
 
 def _convert_main(paint, tmp_path, checkpoint=None, **options):
+    options.setdefault("vocab_file", _vocab_file())
     argv = ["--checkpoint", str(checkpoint or paint["checkpoint"]), "--output-dir", str(tmp_path / "out"),
             "--llm-config", str(paint["root"] / "llm.json"), "--sd-base", str(paint["sd_base"]), "--no-progress"]
     for key, value in options.items():
@@ -50,10 +54,10 @@ def test_chat_checkpoint_is_refused(paint, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_converter_errors(paint, tmp_path, capsys):
+def test_converter_errors(paint, vocab_file, tmp_path, capsys):
     # Without --llm-config the 10B config is assumed: the shapes say which sizes differ.
     argv = ["--checkpoint", str(paint["checkpoint"]), "--output-dir", str(tmp_path / "out"), "--sd-base",
-            str(paint["sd_base"]), "--no-progress"]
+            str(paint["sd_base"]), "--vocab-file", vocab_file, "--no-progress"]
     assert convert_main(argv) == 1
     assert "--llm-config" in capsys.readouterr().err
     # An SD base whose UNet config does not fit the checkpoint's UNet.
@@ -71,18 +75,12 @@ def test_converter_errors(paint, tmp_path, capsys):
     torch.save({"unrelated.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ConversionError, match="not a VisCPM-Paint checkpoint"):
         convert_viscpm_paint_checkpoint(tmp_path / "other.pt", tmp_path / "o", llm_config=paint["root"] / "llm.json",
-                                        sd_base=paint["sd_base"], vocab_file=_vocab(), progress=False)
+                                        sd_base=paint["sd_base"], vocab_file=vocab_file, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
-def _vocab():
-    from oracle import VOCAB_FILE
-
-    return VOCAB_FILE
-
-
 def test_converter_dtype(paint, tmp_path):
-    assert _convert_main(paint, tmp_path, dtype="float16", vocab_file=_vocab()) == 0
+    assert _convert_main(paint, tmp_path, dtype="float16") == 0
     from safetensors import safe_open
 
     for part in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",

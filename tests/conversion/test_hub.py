@@ -57,8 +57,8 @@ push_main = load_script("push_to_hub").main
 def paint_files(tmp_path_factory, vocab_file):
     """A tiny original VisCPM-Paint checkpoint, its configs and its converted folder (as tests/test_paint.py)."""
     from diffusers import DDPMScheduler
-    from oracle import TINY_ORIGINAL_CONFIG, build_original_cpmbee, build_original_paint, original_paint_state_dict
     from conftest import tiny_unet, tiny_vae, write_sd_base
+    from originals import TINY_ORIGINAL_CONFIG, paint_checkpoint
 
     from viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint_checkpoint
 
@@ -66,9 +66,9 @@ def paint_files(tmp_path_factory, vocab_file):
     unet, vae = tiny_unet(), tiny_vae()
     sd_base = write_sd_base(root / "sd-base", unet, vae)
     scheduler = DDPMScheduler.from_pretrained(sd_base, subfolder="scheduler")
-    original = build_original_paint(build_original_cpmbee(seed=0), unet, vae, scheduler)
+    _, state = paint_checkpoint(unet, vae, scheduler, seed=0)
     checkpoint = root / "viscpm_paint.pt"
-    torch.save(original_paint_state_dict(original), checkpoint)
+    torch.save(state, checkpoint)
     (root / "llm.json").write_text(json.dumps(TINY_ORIGINAL_CONFIG))
     convert_viscpm_paint_checkpoint(checkpoint, root / "hf", llm_config=root / "llm.json", sd_base=sd_base,
                                     vocab_file=vocab_file, progress=False)
@@ -384,13 +384,15 @@ def _add_to_fake_hub(cache, repo_id, files, commit="0123456789abcdef0123456789ab
 
 
 @pytest.fixture
-def fake_hub(tmp_path, chat_info, paint_files, monkeypatch):
+def fake_hub(tmp_path, chat_info, paint_files, vocab_file, monkeypatch):
     monkeypatch.delenv("VISCPM_CACHE", raising=False)
     cache = tmp_path / "hub-cache"
     commit = _add_to_fake_hub(cache, "openbmb/VisCPM-Chat", {"viscpm_chat_balance_checkpoint.pt": chat_info.checkpoint,
                                                              "README.md": b"# VisCPM-Chat\n"})
     _add_to_fake_hub(cache, "openbmb/VisCPM-Paint", {"viscpm_paint_zhplus_checkpoint.pt": paint_files.checkpoint})
     _add_to_fake_hub(cache, "someone/other", {"README.md": b"hi", "notes.txt": b"x"})
+    # The vocabulary, fetched from the Hub where the original package (whose bee.txt comes first) is not installed.
+    _add_to_fake_hub(cache, original_format.VOCAB_REPO, {original_format.VOCAB_FILENAME: Path(vocab_file)})
     conversions = []
     convert = original_format._convert
     monkeypatch.setattr(original_format, "_convert", lambda *a, **k: (conversions.append(a[1]), convert(*a, **k)))

@@ -3,7 +3,8 @@
 A tiny original `VLU_CPMBee` (torchscale BEiT-3 + CPM-Bee, random weights, fp32) is saved in the original
 checkpoint format, converted with the script, loaded with `from_pretrained`, and compared: the mapped query
 outputs, the logits of a prompt with an image, and the answers of the original beam search (the path
-`VisCPMChat.chat` takes) against ours. The converter's own tests are in tests/conversion/test_convert_chat.py.
+`VisCPMChat.chat` takes) against ours (the oracle tests; without the original, the others run on a stand-in
+checkpoint of the same format). The converter's own tests are in tests/conversion/test_convert_chat.py.
 """
 
 import copy
@@ -11,14 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import CHAT_QUERY_NUM
-from oracle import (
-    TINY_ORIGINAL_CONFIG,
-    TINY_VISION_CONFIG,
-    original_chat_generate,
-    original_prompt,
-    original_vision_hidden_states,
-    original_vlu_logits,
-)
+from originals import TINY_ORIGINAL_CONFIG, TINY_VISION_CONFIG
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import viscpm  # noqa: F401  (registers the Auto classes)
@@ -58,7 +52,10 @@ def _our_answer(model, tokenizer, question, context="", **image):
 # -- features and logits ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 def test_vision_features_match_original(chat):
+    from oracle import original_vision_hidden_states
+
     vlu, model, _, _ = chat
     pixels = _pixels(3)
     expected = original_vision_hidden_states(vlu, pixels)
@@ -89,7 +86,10 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.oracle
 def test_image_bound_matches_original(chat):
+    from oracle import original_prompt
+
     _, _, tokenizer, _ = chat
     inputs = _encode(tokenizer, PROMPTS)
     bound = find_image_bound(inputs["input_ids"], inputs["segment_ids"], inputs["attention_mask"], query_num=QUERY_NUM)
@@ -99,7 +99,10 @@ def test_image_bound_matches_original(chat):
         assert (bound[row] - pad[row]).tolist() == model_inputs["image_bound"].reshape(-1).tolist()
 
 
+@pytest.mark.oracle
 def test_logits_match_original(chat):
+    from oracle import original_vlu_logits
+
     vlu, model, tokenizer, _ = chat
     pixels = _pixels(len(PROMPTS))
     batch = _encode(tokenizer, PROMPTS)
@@ -136,12 +139,15 @@ def test_image_changes_the_logits(chat):
 # -- the original beam search (what chat() runs) -------------------------------------------------------------------
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "question",
     ["这张图片里有什么？请详细描述。", "What is in the picture? Describe it.", "图中写的是𠀀还是𠀂？"],
     ids=["chinese", "english", "oov"],
 )
 def test_beam_search_answers_match_original(chat, question):
+    from oracle import original_chat_generate
+
     vlu, model, tokenizer, _ = chat
     pixels = _pixels(1)
     expected, expected_vision = original_chat_generate(vlu, pixels[0], question, **CHAT)
@@ -150,9 +156,12 @@ def test_beam_search_answers_match_original(chat, question):
     assert torch.allclose(vision, expected_vision, atol=1e-4, rtol=0)
 
 
+@pytest.mark.oracle
 def test_beam_search_copies_oov_pieces_like_original(chat):
     """With `<unk>` made attractive, answers copy the question's out-of-vocabulary pieces (ext table and the
     `<unk>` entry): the decoded strings must still agree."""
+    from oracle import original_chat_generate
+
     vlu, model, tokenizer, _ = chat
     vlu, model = copy.deepcopy(vlu), copy.deepcopy(model)
     with torch.no_grad():
@@ -166,7 +175,10 @@ def test_beam_search_copies_oov_pieces_like_original(chat):
     assert "𠀀" in expected or "𠀂" in expected
 
 
+@pytest.mark.oracle
 def test_second_turn_with_context_and_vision_states(chat):
+    from oracle import original_chat_generate
+
     vlu, model, tokenizer, _ = chat
     pixels = _pixels(1)
     first_q = "这张图片里有什么？"
@@ -182,9 +194,12 @@ def test_second_turn_with_context_and_vision_states(chat):
     assert torch.equal(vision_again, vision)  # handed back unchanged, no image needed
 
 
+@pytest.mark.oracle
 def test_beam_one_and_early_endings_match_original(chat):
     """Beam 1 and beam 3, as they are and with `</s>` made likely (its embedding, tied to its output column, is
     pointed along the prompt's mean final hidden state), so hypotheses finish before the length limit."""
+    from oracle import original_chat_generate
+
     vlu, model, tokenizer, _ = chat
     pixels = _pixels(1, seed=5)
     data = _prompt("你好")

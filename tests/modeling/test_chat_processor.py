@@ -1,7 +1,7 @@
 """VisCPMImageProcessor and VisCPMChatProcessor against the original VisCPM-Chat input preparation.
 
-The oracle: `build_transform(is_train=False)` for pixels; `VLLMCPMBeeGeneration._process_list` (through
-`convert_data_to_id`) for the prompt of `chat()`, as `oracle.original_chat_inputs` drives it.
+The oracle: `build_transform(is_train=False)` for pixels (the `transform` fixture); `VLLMCPMBeeGeneration._process_list`
+(through `convert_data_to_id`) for the prompt of `chat()`, as `oracle.original_chat_inputs` drives it.
 """
 
 import io
@@ -14,9 +14,6 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from oracle import original_chat_inputs  # first: patches the original's CUDA-only line
-from VisCPM.utils.utils import build_transform
-
 import viscpm  # noqa: F401  (registers the Auto classes)
 from viscpm.modeling.image_processing_viscpm import VisCPMImageProcessor
 from viscpm.modeling.processing_viscpm_chat import VisCPMChatProcessor
@@ -24,7 +21,14 @@ from viscpm.modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 
 V = 86583
-TRANSFORM = build_transform(is_train=False)
+
+
+@pytest.fixture(scope="module")
+def transform(oracle):
+    """The original's pixel preprocessing (`build_transform(is_train=False)`)."""
+    from VisCPM.utils.utils import build_transform
+
+    return build_transform(is_train=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,8 @@ def _pairs(ids, ext_ids, ext_sub):
 
 def _check_against_original(processor, images, questions, contexts):
     """Our batched encoding equals the original's, token for token and pixel for pixel, with correct image slots."""
+    from oracle import original_chat_inputs
+
     enc = processor(images=images, text=questions, context=contexts)
     _, padded, info, pixels, bounds = original_chat_inputs(images, questions, contexts)
     assert torch.equal(enc["pixel_values"], pixels)  # bit-exact
@@ -78,16 +84,16 @@ def _check_against_original(processor, images, questions, contexts):
 
 
 @pytest.mark.parametrize("size", [(224, 224), (1, 1), (37, 500), (480, 640), (1500, 2000), (999, 3)])
-def test_pixels_bit_exact(size):
+def test_pixels_bit_exact(size, transform):
     image = _image(sum(size), *size)
     out = VisCPMImageProcessor()(image)["pixel_values"]
     assert out.shape == (1, 3, 224, 224) and out.dtype == torch.float32
-    assert torch.equal(out[0], TRANSFORM(image))
+    assert torch.equal(out[0], transform(image))
 
 
-def test_input_kinds_agree(tmp_path):
+def test_input_kinds_agree(transform, tmp_path):
     image = _image(1, 61, 45)
-    expected = TRANSFORM(image)
+    expected = transform(image)
     array = np.asarray(image)
     ip = VisCPMImageProcessor()
     path = _file(tmp_path, image, "a.png")
@@ -109,17 +115,17 @@ def test_input_kinds_agree(tmp_path):
     assert isinstance(ip(image, return_tensors="np")["pixel_values"], np.ndarray)
 
 
-def test_modes_converted(tmp_path):
+def test_modes_converted(transform, tmp_path):
     ip = VisCPMImageProcessor()
     grey = _image(2, 30, 40, "L")
-    assert torch.equal(ip(grey)["pixel_values"][0], TRANSFORM(grey.convert("RGB")))
+    assert torch.equal(ip(grey)["pixel_values"][0], transform(grey.convert("RGB")))
     palette = _image(3, 30, 40).convert("P")
-    assert torch.equal(ip(palette)["pixel_values"][0], TRANSFORM(palette.convert("RGB")))
+    assert torch.equal(ip(palette)["pixel_values"][0], transform(palette.convert("RGB")))
     # Opaque RGBA equals convert("RGB"); transparent pixels become white (not the hidden colour).
     rgba = _image(4, 30, 40, "RGBA")
     opaque = rgba.copy()
     opaque.putalpha(255)
-    assert torch.equal(ip(opaque)["pixel_values"][0], TRANSFORM(opaque.convert("RGB")))
+    assert torch.equal(ip(opaque)["pixel_values"][0], transform(opaque.convert("RGB")))
     clear = rgba.copy()
     clear.putalpha(0)
     assert ip(clear)["pixel_values"].eq(1.0).all()
@@ -135,29 +141,29 @@ def test_modes_converted(tmp_path):
     assert Image.open(path16).mode == "I;16"
     expected = Image.fromarray(np.round(ramp / 257).astype(np.uint8)).convert("RGB")
     for source in (path16, Image.fromarray(ramp.astype(np.int32)), ramp):
-        assert torch.equal(ip(source)["pixel_values"][0], TRANSFORM(expected))
+        assert torch.equal(ip(source)["pixel_values"][0], transform(expected))
     # Float ("F") image in [0, 1].
     f = Image.fromarray((np.arange(12).reshape(3, 4) / 11).astype(np.float32), mode="F")
     expected = Image.fromarray(np.round(np.arange(12).reshape(3, 4) / 11 * 255).astype(np.uint8)).convert("RGB")
-    assert torch.equal(ip(f)["pixel_values"][0], TRANSFORM(expected))
+    assert torch.equal(ip(f)["pixel_values"][0], transform(expected))
     # Other modes go through PIL's conversion.
     cmyk = _image(5, 20, 20).convert("CMYK")
-    assert torch.equal(ip(cmyk)["pixel_values"][0], TRANSFORM(cmyk.convert("RGB")))
+    assert torch.equal(ip(cmyk)["pixel_values"][0], transform(cmyk.convert("RGB")))
     bw = _image(6, 20, 20).convert("1")
-    assert torch.equal(ip(bw)["pixel_values"][0], TRANSFORM(bw.convert("RGB")))
+    assert torch.equal(ip(bw)["pixel_values"][0], transform(bw.convert("RGB")))
 
 
-def test_exif_orientation(tmp_path):
+def test_exif_orientation(transform, tmp_path):
     upright = _image(7, 40, 60)  # 60 wide, 40 tall
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera stores it: 40 wide, 60 tall
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to view": undoes ROTATE_90 (which turns counter-clockwise)
     path = _file(tmp_path, stored, "rotated.png", exif=exif.tobytes())
     ip = VisCPMImageProcessor()
-    assert torch.equal(ip(path)["pixel_values"][0], TRANSFORM(upright))
-    assert torch.equal(ip(Image.open(path))["pixel_values"][0], TRANSFORM(upright))
+    assert torch.equal(ip(path)["pixel_values"][0], transform(upright))
+    assert torch.equal(ip(Image.open(path))["pixel_values"][0], transform(upright))
     no_exif = VisCPMImageProcessor(apply_exif_orientation=False)
-    assert torch.equal(no_exif(path)["pixel_values"][0], TRANSFORM(stored))
+    assert torch.equal(no_exif(path)["pixel_values"][0], transform(stored))
 
 
 def test_bad_images(tmp_path, monkeypatch):
@@ -210,6 +216,7 @@ QUESTIONS = ["这张图片里有什么？", "What is in this image?", "图中�
 CONTEXTS = ["", "", "", "", "User: 这是什么？\nAI: 一只猫。\nUser: 什么颜色？\nAI: 橘色。\n"]
 
 
+@pytest.mark.oracle
 def test_single_items_match_original(processor):
     for i, (question, context) in enumerate(zip(QUESTIONS, CONTEXTS)):
         enc = _check_against_original(processor, [_image(i, 40 + i, 70)], [question], [context])
@@ -217,6 +224,7 @@ def test_single_items_match_original(processor):
         assert all(torch.equal(single[key], enc[key]) for key in enc)
 
 
+@pytest.mark.oracle
 def test_batch_matches_original_with_padding(processor):
     images = [_image(10 + i, 30 + 7 * i, 50) for i in range(len(QUESTIONS))]
     enc = _check_against_original(processor, images, QUESTIONS, CONTEXTS)
@@ -238,7 +246,10 @@ def test_empty_question_is_allowed(processor):
     assert enc["input_ids"].shape[0] == 1
 
 
+@pytest.mark.oracle
 def test_user_text_is_always_text(processor):
+    from oracle import original_chat_inputs
+
     tok = processor.tokenizer
     nasty = ["a<b", "1 < 2 and 3 > 2", "what is <ans> here", "x <unk> y", "<s>hi</s>", "<ans_1>", "a<b>c", "<"]
     # The original breaks: some raise inside its tokenizer...
@@ -271,7 +282,10 @@ def test_user_text_is_always_text(processor):
             assert got == expected + [(tok.bos_token_id, 0)]
 
 
+@pytest.mark.oracle
 def test_prompt_length_limit_matches_original(processor):
+    from oracle import original_chat_inputs
+
     context = "User: 你好\nAI: 你好！\n" * 40
     n = int(processor(text="问题", context=context)["attention_mask"].sum()) + 1  # + the `<ans_1>` placeholder
     # The original keeps an answer slot at max_inp_length = n and has none at n - 1.
@@ -322,10 +336,14 @@ def test_chat_messages_equal_question_and_context(processor):
                                                                         {"type": "text", "text": "hi"}]}]])
     expected = processor(images=[image, image], text=["什么颜色 <ans>?", "hi"], context=[context, ""])
     assert all(torch.equal(batch[key], expected[key]) for key in expected)
-    # The first-turn chat equals the original's prompt.
-    _check_against_original(processor, [image], ["这是什么？"], [""])
     first = processor(text=_chat(image)[:1])
     assert torch.equal(first["input_ids"], processor(images=image, text="这是什么？")["input_ids"])
+
+
+@pytest.mark.oracle
+def test_first_turn_chat_equals_the_original_prompt(processor):
+    """The question of a first-turn chat is encoded as the original's `chat()` prompt."""
+    _check_against_original(processor, [_image(20, 33, 44)], ["这是什么？"], [""])
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,12 @@
 """CPM-Bee against the original implementation: a tiny random original model is saved in the original
-checkpoint format, converted with our converter, loaded with `from_pretrained`, and compared in fp32."""
+checkpoint format, converted with our converter, loaded with `from_pretrained`, and compared in fp32 (the oracle
+tests; without the original, the others run on a stand-in checkpoint of the same format)."""
 
 import copy
 
+import originals
 import pytest
 import torch
-from oracle import (
-    OriginalTokenizer,
-    build_original_cpmbee,
-    original_collater_item,
-    original_beam_search,
-    original_logits,
-    original_prompt,
-)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import viscpm
@@ -29,18 +23,17 @@ GENERATION_KEYS = ("attention_mask", "segment_ids", "context_mask", "segment_rel
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, vocab_file):
-    """(original model, our converted model, our tokenizer), with identical weights."""
+    """(original model or `originals.Missing`, our converted model, our tokenizer), with identical weights."""
     from viscpm.conversion.convert_cpmbee import convert_cpmbee_checkpoint
 
-    original = build_original_cpmbee(seed=0)
+    original, state = originals.cpmbee_checkpoint(seed=0)
     root = tmp_path_factory.mktemp("cpmbee")
     checkpoint = root / "cpm-bee.pt"
-    torch.save(original.state_dict(), checkpoint)
+    torch.save(state, checkpoint)
     config_file = root / "config.json"
-    from oracle import TINY_ORIGINAL_CONFIG
     import json
 
-    config_file.write_text(json.dumps(TINY_ORIGINAL_CONFIG))
+    config_file.write_text(json.dumps(originals.TINY_ORIGINAL_CONFIG))
     convert_cpmbee_checkpoint(checkpoint, root / "hf", config=config_file, vocab_file=vocab_file, progress=False)
     model = AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(root / "hf")
@@ -56,8 +49,11 @@ def _real(attention_mask):
     return attention_mask.bool()
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_logits_match_original_batched(pair, implementation):
+    from oracle import original_logits, original_prompt
+
     original, model, tokenizer, _ = pair
     model_inputs, _ = original_prompt(PROMPTS)
     expected = original_logits(original, model_inputs)
@@ -75,7 +71,10 @@ def test_logits_match_original_batched(pair, implementation):
     assert torch.allclose(prompt[real], expected[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.oracle
 def test_logits_match_original_one_by_one(pair):
+    from oracle import original_logits, original_prompt
+
     original, model, tokenizer, _ = pair
     for data in PROMPTS:
         model_inputs, _ = original_prompt([data])
@@ -87,12 +86,14 @@ def test_logits_match_original_one_by_one(pair):
 
 
 def _original_training_batch(datas, max_len):
+    from oracle import OriginalTokenizer, original_collater_item
     from VisCPM.utils.utils import CPMBeeCollater
 
     tokenizer = OriginalTokenizer()
     return CPMBeeCollater(tokenizer, max_len)([original_collater_item(tokenizer, data) for data in datas])
 
 
+@pytest.mark.oracle
 def test_training_forward_and_loss_match_original(pair):
     """The full sequence with answers in place (context tokens bidirectional, answers causal), as the
     original trains, with the original collater's targets."""
@@ -179,6 +180,7 @@ def test_batch_equals_one_at_a_time(pair):
         assert torch.equal(single[0], batched[i])
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "settings",
     [
@@ -189,15 +191,20 @@ def test_batch_equals_one_at_a_time(pair):
 )
 @pytest.mark.parametrize("decode_mode", ["dynamic", "static"])
 def test_beam_search_matches_original(pair, settings, decode_mode):
+    from oracle import original_beam_search
+
     original, model, tokenizer, _ = pair
     inputs = _inputs(tokenizer, PROMPTS)
     ours = cpmbee_beam_search(model, **inputs, **settings, decode_mode=decode_mode)
     assert ours == original_beam_search(original, PROMPTS, **settings)
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("decode_mode", ["dynamic", "static"])
 def test_beam_search_matches_original_with_endings_and_several_answers(pair, decode_mode):
     """Make `</s>` likely so hypotheses finish early and answers move from one slot to the next."""
+    from oracle import original_beam_search
+
     original, model, tokenizer, _ = pair
     original = copy.deepcopy(original)
     model = copy.deepcopy(model)
@@ -330,6 +337,7 @@ def test_auto_classes_registered():
     assert viscpm.CpmBeeConfig is type(config)
 
 
+@pytest.mark.oracle
 def test_repetition_penalty_processor_matches_original():
     """Over the answer only (its <s> included), ext tokens counted by their base id."""
     from VisCPM.generation.generation_utils import apply_repetition_penalty

@@ -1,7 +1,7 @@
 """VisCPM-Paint's text encoder and pipeline against the original implementation.
 
 The tiny Paint of tests/paint_testing.py: converted from the original checkpoint format and compared in fp32 with
-the original's text states and images for the same generator.
+the original's text states and images for the same generator (the oracle tests).
 """
 
 import copy
@@ -13,7 +13,6 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
-from oracle import original_paint_images, original_paint_inputs, original_paint_text_states
 from paint_testing import ATOL, EN, NEGATIVE, STEPS, TEXT_KEYS, ZH
 from paint_testing import batches as _batches
 from paint_testing import gen as _gen
@@ -33,8 +32,11 @@ from viscpm.modeling.modeling_viscpm_paint import VisCPMPaintTextEncoder
 # ---------------------------------------------------------------------------------------------- text encoder
 
 
+@pytest.mark.oracle
 def test_text_encoder_states_match_original(paint):
     """CPM-Bee states and bridged states, padded positions included, for prompts and negatives of other lengths."""
+    from oracle import original_paint_inputs, original_paint_text_states
+
     pipe, original = paint["pipe"], paint["original"]
     prompts, negatives = [ZH, EN], ["", NEGATIVE]
     cond, uncond = original_paint_inputs(prompts, negatives)
@@ -64,6 +66,7 @@ def test_text_encoder_auto_class_round_trip(paint, tmp_path):
 # ---------------------------------------------------------------------------------------------- images
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize(
     "case",
     [
@@ -107,6 +110,7 @@ def test_output_types(paint):
     assert np.array_equal(images, arrays) and nsfw == [None]
 
 
+@pytest.mark.oracle
 def test_swapped_scheduler_matches_original(paint):
     pipe, original = paint["pipe"], paint["original"]
     config = pipe.scheduler.config
@@ -121,6 +125,7 @@ def test_swapped_scheduler_matches_original(paint):
     assert np.abs(got - _ours(pipe, EN).images).max() > 100 * ATOL  # it really is another sampler
 
 
+@pytest.mark.oracle
 def test_latents_input_matches_original(paint):
     pipe = paint["pipe"]
     latents = randn_tensor((2, 4, SIZE // 2, SIZE // 2), generator=_gen(11))
@@ -293,8 +298,11 @@ def test_prompt_embeds_with_masks_equal_the_prompts(paint):
 # ---------------------------------------------------------------------------------------------- image safety checker
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("flag_all", [False, True])
 def test_safety_checker_matches_original(paint, paint_extras, flag_all):
+    from oracle import original_paint_images
+
     safety = copy.deepcopy(paint_extras["safety_checker"])
     if flag_all:
         with torch.no_grad():
@@ -319,6 +327,7 @@ def test_safety_checker_matches_original(paint, paint_extras, flag_all):
 # ---------------------------------------------------------------------------------------------- batches
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("per_prompt", [1, 2])
 def test_batch_images_match_original_one_prompt_at_a_time(paint, per_prompt):
     """A batch of prompts whose prompt/negative pairs have different lengths, one generator per image: each image is

@@ -6,7 +6,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from oracle import original_chat_generate
 from PIL import Image
 from transformers import pipeline
 
@@ -34,6 +33,8 @@ def _original_pixels(image, size):
 
 
 def _original_answer(chat, image, question, context="", vision_hidden_states=None, **settings):
+    from oracle import original_chat_generate
+
     vlu, model, _, _ = chat
     size = model.config.vision_config.image_size
     defaults = dict(beam_size=3, temperature=0.7, repetition_penalty=1.1, length_penalty=3.0,
@@ -42,6 +43,7 @@ def _original_answer(chat, image, question, context="", vision_hidden_states=Non
                                   vision_hidden_states=vision_hidden_states, **{**defaults, **settings})
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("question", ["这张图片里有什么？", "What is in the picture?", "图里有𠀀和𠀂吗？"])
 def test_chat_answers_like_the_original(chat, viscpm_chat, question):
     image = _image(1)
@@ -52,6 +54,7 @@ def test_chat_answers_like_the_original(chat, viscpm_chat, question):
     assert torch.allclose(vision, expected_vision, atol=1e-4, rtol=0)
 
 
+@pytest.mark.oracle
 def test_second_turn_and_beam_one_like_the_original(chat, viscpm_chat):
     image = _image(2)
     first = viscpm_chat.chat(image, "图里是什么？", original_max_length=ORIGINAL_MAX_LENGTH)
@@ -83,6 +86,7 @@ def test_batch_equals_one_at_a_time(viscpm_chat):
                                          for i, q in zip(images, questions)]
 
 
+@pytest.mark.oracle
 def test_static_decoding_like_the_original(chat, viscpm_chat):
     """``decode_mode="static"`` (fixed-shape decode step), per call or from the generation config, batched."""
     images, questions = [_image(7), _image(8)], ["图里有𠀀吗？", "What is in the picture?"]

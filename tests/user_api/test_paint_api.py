@@ -114,6 +114,7 @@ def _pil_close(a, b):
     return np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1  # uint8 rounding of ≤ 2e-4
 
 
+@pytest.mark.oracle
 def test_drop_in_generate_matches_original(paint):
     ours = VisCPMPaint.from_pretrained(paint["root"] / "hf", image_safety_checker=False, prompt_safety_checker=False,
                                        add_ranker=False, device="cpu")
@@ -125,6 +126,7 @@ def test_drop_in_generate_matches_original(paint):
         assert _pil_close(got, expected)
 
 
+@pytest.mark.oracle
 def test_drop_in_with_ranker_matches_original(paint, paint_extras, tmp_path):
     VisCPMPaint(paint["pipe"], ranker=paint_extras["ranker"], ranker_processor=paint_extras["ranker_processor"]).save_pretrained(tmp_path)
     ours = VisCPMPaint.from_pretrained(tmp_path, image_safety_checker=False, prompt_safety_checker=False, device="cpu")
@@ -139,6 +141,7 @@ def test_drop_in_with_ranker_matches_original(paint, paint_extras, tmp_path):
     assert got.size == (SIZE, SIZE) and _pil_close(got, expected)
 
 
+@pytest.mark.oracle
 def test_drop_in_refuses_like_original(paint, paint_extras, tmp_path):
     checker = copy.deepcopy(paint_extras["prompt_checker"])
     with torch.no_grad():
