@@ -286,11 +286,13 @@ def test_bad_input_is_one_clear_line(kind, tmp_path, files, original, vocab_file
     assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]
 
 
-def test_script_error_in_subprocess(tmp_path, files, original):
+def test_script_error_in_subprocess(tmp_path, files, original, vocab_file):
     """A real process: exit status 1, one line on stderr, no traceback."""
     checkpoint, extra, words = _make_bad_input("truncated", tmp_path, files, original)
+    assert "--vocab-file" not in extra
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out"), *extra],
+        [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "out"), *extra,
+         "--vocab-file", vocab_file],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1

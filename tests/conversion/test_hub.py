@@ -480,7 +480,7 @@ import json, sys, time
 from pathlib import Path
 import viscpm.conversion.original_format as original_format
 
-checkpoint, cache, llm, vision, go = sys.argv[1:6]
+checkpoint, cache, llm, vision, vocab, go = sys.argv[1:7]
 converted = []
 convert = original_format._convert
 def counting(*args, **kwargs):
@@ -490,17 +490,17 @@ def counting(*args, **kwargs):
 original_format._convert = counting
 while not Path(go).exists():
     time.sleep(0.01)
-options = dict(cache_dir=cache, llm_config=llm, vision_config=vision, query_num=64)
+options = dict(cache_dir=cache, llm_config=llm, vision_config=vision, vocab_file=vocab, query_num=64)
 path = original_format.resolve_original_format(checkpoint, "chat", None, options)
 print(json.dumps({"path": str(path), "converted": len(converted)}))
 """
 
 
-def test_two_processes_produce_one_entry(tmp_path, chat_info):
+def test_two_processes_produce_one_entry(tmp_path, chat_info, vocab_file):
     cache, go = tmp_path / "cache", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("VISCPM_CACHE", None)
-    args = [chat_info.checkpoint, cache, chat_info.llm, chat_info.vision, go]
+    args = [chat_info.checkpoint, cache, chat_info.llm, chat_info.vision, vocab_file, go]
     procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, *map(str, args)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for _ in range(2)]
     go.touch()
