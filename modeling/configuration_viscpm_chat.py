@@ -49,6 +49,10 @@ class VisCPMVisionConfig(PretrainedConfig):
         attention_dropout: float = 0.0,
         **kwargs,
     ):
+        for name, value in (("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads),
+                            ("image_size", image_size), ("patch_size", patch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # before they divide below
+                raise ValueError(f"{name}={value!r} (must be a positive whole number)")
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"

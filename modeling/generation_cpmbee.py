@@ -652,6 +652,8 @@ def run_beam_search(model, prompt: dict, answer_segments: list[list[int]], *, be
     applies the repetition penalty over the answer so far (its ``<s>`` included), divides by the temperature, adds
     the beam scores to the log-probabilities and selects the next beams (see `select_candidates`)."""
     batch, prompt_length = prompt["attention_mask"].shape
+    if len(answer_segments) != batch or any(len(slots) == 0 for slots in answer_segments):
+        raise ValueError("answer_segments needs a non-empty list of segment ids for every sample")
     device, config = prompt["attention_mask"].device, model.config
     rows, ext_table_ids = batch * beam_size, prompt["ext_table_ids"]
     ext_size = 0 if ext_table_ids is None else ext_table_ids.shape[-1]
@@ -834,8 +836,6 @@ def cpmbee_beam_search(
     batch = input_ids.shape[0]
     if answer_segments is None:
         answer_segments = default_answer_segments(segment_ids, batch)
-    if len(answer_segments) != batch or any(len(slots) == 0 for slots in answer_segments):
-        raise ValueError("answer_segments needs a non-empty list of segment ids for every sample")
     prompt = prompt_inputs(input_ids, attention_mask, segment_ids, context_mask, segment_rel, ext_table_ids,
                            ext_table_sub, inputs_embeds)
     eos = {config.eos_token_id}

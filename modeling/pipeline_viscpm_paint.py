@@ -357,14 +357,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)) or not all(isinstance(text, str) for text in prompts):
-                raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
-            if not prompts:
-                raise ValueError("`prompt` is an empty list: nothing to draw")
-            for index, text in enumerate(prompts):
-                if not text.strip():
-                    raise ValueError(f"prompt {index} is empty: describe the image to draw")
+            prompt_list(prompt)
         if negative_prompt is not None:
             if not isinstance(negative_prompt, (str, list, tuple)) or not all(
                     isinstance(text, str) for text in ([negative_prompt] if isinstance(negative_prompt, str) else negative_prompt)):
@@ -617,6 +610,20 @@ def _rows_for(attention_mask, prompt_embeds):
         raise ValueError(f"the callback returned `prompt_embeds` of shape {tuple(prompt_embeds.shape)}, which the "
                          f"attention mask {tuple(attention_mask.shape)} does not cover; keep rows and positions")
     return attention_mask[-prompt_embeds.shape[0]:]
+
+
+def prompt_list(prompt) -> list[str]:
+    """``prompt`` (a str or a list of str) as a list, refusing what cannot be drawn: another type, an empty list, a
+    blank text."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(text, str) for text in prompts):
+        raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError("`prompt` is an empty list: nothing to draw")
+    for index, text in enumerate(prompts):
+        if not text.strip():
+            raise ValueError(f"prompt {index} is empty: describe the image to draw")
+    return list(prompts)
 
 
 def _is_int(value) -> bool:

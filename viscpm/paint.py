@@ -34,7 +34,7 @@ import PIL.Image
 import torch
 
 from .conversion.original_format import resolve_original_format
-from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline
+from .modeling.pipeline_viscpm_paint import VisCPMPaintPipeline, prompt_list
 from .safety import load_image_safety_checker
 
 __all__ = ["VisCPMPaint", "VisCPMPaintOutput", "grid_image"]
@@ -255,15 +255,13 @@ class VisCPMPaint:
         not rank. Other arguments (``height``, ``generator``, ``num_inference_steps``, ...) go to the pipeline; a list
         of generators has one per drawn image (kept prompts × images × candidates).
         """
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(text, str) for text in prompts):
-            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+        prompts = prompt_list(prompt)
         if use_ranker and self.ranker is None:
             raise ValueError("`use_ranker=True` needs a ranker: build VisCPMPaint with `ranker` and `ranker_processor`")
         use_ranker = (self.ranker is not None if use_ranker is None else use_ranker) and output_type != "latent"
         candidates = self.ranker_candidates if use_ranker else 1
 
-        refused = self.check_prompts(list(prompts))
+        refused = self.check_prompts(prompts)
         if any(refused):
             logger.warning(f"The prompt checker refused {sum(refused)} of {len(prompts)} prompts: no image is drawn "
                            "for them.")

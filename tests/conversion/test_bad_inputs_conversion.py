@@ -261,6 +261,12 @@ CONVERTER_CASES = [
         i / "eps.json", {**TINY_ORIGINAL_CONFIG, "eps": "tiny"})}, 1, ["eps='tiny' (must be a positive number)"]),
     ("chat", "vision-config-fractional-layers", lambda i, t: {"--vision-config": _write(
         i / "v.json", {"encoder_embed_dim": 24, "encoder_attention_heads": 4, "encoder_layers": 2.5})}, 1, ["v.json", "encoder_layers=2.5"]),
+    ("chat", "vision-config-zero-heads", lambda i, t: {"--vision-config": _write(
+        i / "v.json", {"encoder_embed_dim": 24, "encoder_attention_heads": 0})}, 1,
+     ["v.json", "num_attention_heads=0 (must be a positive whole number)"]),
+    ("chat", "vision-config-patch-size-string", lambda i, t: {"--vision-config": _write(
+        i / "v.json", {"encoder_embed_dim": 24, "encoder_attention_heads": 4, "patch_size": "8"})}, 1,
+     ["v.json", "patch_size='8' (must be a positive whole number)"]),
     ("chat", "vision-config-of-another-model", lambda i, t: {"--vision-config": _write(
         i / "v.json", {"model_type": "cpmbee"})}, 1, ["v.json", "model_type is 'cpmbee', not 'viscpm_vision'"]),
     ("chat", "vision-config-unsupported-flag", lambda i, t: {"--vision-config": _write(

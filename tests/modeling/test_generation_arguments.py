@@ -78,6 +78,8 @@ ORIGINAL_CASES = [
     ("max-new-tokens-zero", dict(max_new_tokens=0), ValueError, ["max_new_tokens", "at least 1"]),
     ("max-new-tokens-negative", dict(max_new_tokens=-3), ValueError, ["max_new_tokens", "at least 1"]),
     ("decode-mode-unknown", dict(decode_mode="graph"), ValueError, ["decode_mode", "'dynamic'", "'static'"]),
+    ("answer-segments-empty", dict(answer_segments=[[]]), ValueError, ["answer_segments", "non-empty", "every sample"]),
+    ("answer-segments-per-sample", dict(answer_segments=[[1], [1]]), ValueError, ["answer_segments", "every sample"]),
 ]
 TRANSFORMERS_LOOP_CASES = [
     ("num-beams-float", dict(num_beams=2.5), TypeError, ["num_beams", "whole number"]),

@@ -263,8 +263,9 @@ def test_save_writes_the_layout_older_folders_have(paint, paint_extras, tmp_path
         (dict(ranker_candidates=0), None, ValueError, "`ranker_candidates` must be at least 1"),
         ({}, dict(prompt=EN, use_ranker=True), ValueError, "`use_ranker=True` needs a ranker"),
         ({}, dict(prompt=5), TypeError, "`prompt` must be a str or a list of str"),
+        ({}, dict(prompt=[]), ValueError, "`prompt` is an empty list: nothing to draw"),
     ],
-    ids=["ranker-alone", "checker-alone", "no-candidates", "use-ranker-without", "prompt-int"],
+    ids=["ranker-alone", "checker-alone", "no-candidates", "use-ranker-without", "prompt-int", "prompt-empty-list"],
 )
 def test_bad_parts_and_calls_are_clear_errors(paint, parts, call, error, match):
     with pytest.raises(error, match=match):
