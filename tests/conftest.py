@@ -12,8 +12,9 @@ The rule:
 * The shared fixtures (`vocab_file`, `chat_files`, `chat`, `paint`, ...) take the original's files and models when
   it is installed and stand-ins of the same format when it is not (tests/originals.py); the original model in them
   is then an `originals.Missing`, which fails when used. Only oracle tests use the original model.
-* While a test that is not marked runs, the original and tests/oracle.py cannot be imported (tests/without_original.py),
-  so a forgotten mark fails here as it would where the original is missing. tests/test_oracle_split.py collects the
+* While a test that is not marked runs, the original and tests/oracle.py cannot be imported and the fixtures'
+  original models refuse to be used (tests/without_original.py), so a forgotten mark fails here as it would where
+  the original is missing. tests/test_oracle_split.py collects the
   suite with the original blocked: every module must import, and the non-oracle tests must be most of the suite.
 """
 

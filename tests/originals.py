@@ -136,6 +136,12 @@ def _draw(model, seed: int, cpmbee_prefix: str) -> None:
                 param.copy_(noise if name.startswith(cpmbee_prefix) else 0.3 * noise)
 
 
+def _guarded(original):
+    """``original``, whose class is refused to tests not marked `oracle` (tests/without_original.py)."""
+    without_original.GUARDED.add(type(original))
+    return original
+
+
 def _detached(state: dict) -> dict:
     return {key: tensor.detach().clone() for key, tensor in state.items()}
 
@@ -148,7 +154,7 @@ def cpmbee_checkpoint(seed: int = 0):
         from oracle import build_original_cpmbee
 
         original = build_original_cpmbee(seed=seed)
-    return original, _detached(original.state_dict())
+    return _guarded(original), _detached(original.state_dict())
 
 
 def chat_checkpoint(seed: int = 0, query_num: int = 64):
@@ -160,7 +166,7 @@ def chat_checkpoint(seed: int = 0, query_num: int = 64):
         from oracle import build_original_vlu
 
         original = build_original_vlu(seed=seed, query_num=query_num)
-    return original, _detached(original.state_dict())
+    return _guarded(original), _detached(original.state_dict())
 
 
 def paint_checkpoint(unet, vae, scheduler, seed: int = 0):
@@ -173,7 +179,7 @@ def paint_checkpoint(unet, vae, scheduler, seed: int = 0):
 
         original = build_original_paint(build_original_cpmbee(seed=seed), unet, vae, scheduler)
         state = original_paint_state_dict(original)
-    return original, _detached(state)
+    return _guarded(original), _detached(state)
 
 
 def stand_in_cpmbee_state(seed: int = 0) -> dict:

@@ -3,7 +3,7 @@
 * Collected with the original blocked (`-p without_original`, as on a machine without it), every test module imports
   and yields tests, and every module but the few that only compare with the original keeps tests for
   ``-m "not oracle"``: nothing is lost to a collection error, a module-level skip or a blanket mark.
-* While a test that is not marked runs, the original cannot be imported.
+* While a test that is not marked runs, the original cannot be imported, nor the fixtures' original models used.
 * The stand-ins that replace the original's files where it is missing have the original's format (an oracle test).
 """
 
@@ -58,6 +58,13 @@ def test_unmarked_tests_cannot_import_the_original():
     for name in ("oracle", "VisCPM", "VisCPM.utils.utils", "torchscale.architecture.config", "fairscale"):
         with pytest.raises(ModuleNotFoundError, match="not marked `oracle`"):
             importlib.import_module(name)
+
+
+def test_unmarked_tests_cannot_use_the_original_models(chat, paint):
+    """The original models of the shared fixtures (or their `Missing` stand-ins) refuse an unmarked test."""
+    for original in (chat[0], paint["original"]):
+        with pytest.raises(RuntimeError, match="oracle"):
+            original.state_dict()
 
 
 def test_stand_ins_have_the_originals_format(oracle):

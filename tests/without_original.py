@@ -32,6 +32,16 @@ class _Blocker(importlib.abc.MetaPathFinder):
 _FOR_GOOD, _WHILE_HIDDEN = _Blocker(), _Blocker()
 _hidden: dict | None = None  # the modules taken out of sys.modules while hidden, else None
 
+GUARDED: set[type] = set()
+"""The classes of the original models that shared fixtures hand out (tests/originals.py): while hidden, their
+instances refuse every attribute, so a test that uses one without the mark fails as it would without the original."""
+_NO_OWN = object()  # a class without its own __getattribute__
+_guards: dict = {}
+
+
+def _refuse(self, name):
+    raise RuntimeError(f"{type(self).__name__} is a model of the original VisCPM: {REASON}")
+
 
 def install() -> None:
     """Block the original for the rest of the process."""
@@ -43,10 +53,19 @@ def _hide() -> None:
     global _hidden
     _hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name.partition(".")[0] in BLOCKED}
     sys.meta_path.insert(0, _WHILE_HIDDEN)
+    for cls in GUARDED:
+        _guards[cls] = cls.__dict__.get("__getattribute__", _NO_OWN)
+        cls.__getattribute__ = _refuse
 
 
 def _show() -> None:
     global _hidden
+    for cls, own in _guards.items():
+        if own is _NO_OWN:
+            del cls.__getattribute__
+        else:
+            cls.__getattribute__ = own
+    _guards.clear()
     sys.meta_path.remove(_WHILE_HIDDEN)
     sys.modules.update(_hidden)
     _hidden = None
@@ -54,7 +73,8 @@ def _show() -> None:
 
 @contextlib.contextmanager
 def hidden():
-    """The original cannot be imported in the block (modules already imported are put back afterwards)."""
+    """The original cannot be imported in the block, nor its models of `GUARDED` used (modules already imported are
+    put back afterwards)."""
     _hide()
     try:
         yield
