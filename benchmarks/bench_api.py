@@ -130,7 +130,6 @@ def main():
     from live_server import free_port, start, stop
 
     with tempfile.TemporaryDirectory() as tmp:
-        args.tmp = tmp
         print("building and converting the medium random model ...", flush=True)
         model = build_model(tmp)
         bases, processes = {}, []

@@ -47,7 +47,6 @@ import copy
 import datetime
 import functools
 import gc
-import inspect
 import json
 import os
 import platform
@@ -445,15 +444,10 @@ def ours_last_logits(model, processor, pixels, question, device):
     return outputs.logits[0, -1]
 
 
-def original_decoding(model):
-    """The model's original VisCPM-Chat beam search (named `cpmbee_beam_search` in earlier versions)."""
-    return getattr(model, "original_beam_search", None) or model.cpmbee_beam_search
-
-
 def ours_beam_search(model, processor, pixels, questions, device, **settings):
     """Raw answer ids per sample (first answer slot) of our original VisCPM-Chat beam search with the image."""
     inputs = processor(text=list(questions), context=[""] * len(questions), return_tensors="pt").to(device)
-    answers, _ = original_decoding(model)(**inputs, pixel_values=pixels, **settings)
+    answers, _ = model.original_beam_search(**inputs, pixel_values=pixels, **settings)
     return [answer[0] for answer in answers]
 
 
@@ -578,24 +572,18 @@ def section_chat(args, table, budget, state):
         state["mem_chat_original"] = (tensor_bytes(vlu) + original_peak) / 1e9
 
     # Ours, every decode mode; "compile" last (its first call compiles).
-    has_modes = "decode_mode" in inspect.signature(original_decoding(model)).parameters
     order = ("dynamic", "static", "cuda_graph", "compile")
     for mode in order:
         for shape in ("beam1", "beam3", "batch8"):
             key = f"chat_{shape}_{mode}"
             beams, rows = (1, 8) if shape == "batch8" else (int(shape[-1]), 1)
-            if mode != "dynamic" and not has_modes:
-                table.set(key, ours="n/a: this version's beam search has no decode_mode argument yet")
-                continue
             if mode == "cuda_graph" and torch.device(device).type != "cuda":
                 table.set(key, ours="n/a: CUDA graphs need a CUDA device")
                 continue
             if not budget.allows(90 if mode == "compile" else 8):
                 table.set(key, ours=budget.skipped())
                 continue
-            settings = dict(beam_size=beams, max_length=n, **CHAT_SETTINGS)
-            if has_modes:
-                settings["decode_mode"] = mode
+            settings = dict(beam_size=beams, max_length=n, decode_mode=mode, **CHAT_SETTINGS)
             questions = QUESTIONS[:rows]
 
             def run(max_length=n):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -47,7 +48,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "DEFAULT_MAX_SHARD_SIZE",
+    "SOURCE_INFO_FILE",
     "ConversionError",
     "KeyMap",
     "ScriptArgumentParser",
@@ -59,6 +62,7 @@ __all__ = [
     "converter_parser",
     "default_vocab_file",
     "expected_parameter_shapes",
+    "file_sha256",
     "first_line",
     "follow_umask",
     "is_within",
@@ -83,6 +87,24 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 """Shard size of written weights. A shard is cast and serialised in memory at once, so it stays small."""
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+"""The file endings of original (torch.save) checkpoints."""
+SOURCE_INFO_FILE = "viscpm_source.json"
+"""Written into a folder converted on the fly (conversion/original_format.py): which original file it came from; the
+Hub push puts its content into the model card."""
+
+
+def file_sha256(path: str | os.PathLike, progress: bool = True) -> str:
+    """The sha256 of a file, read in 8 MiB blocks (with a progress bar for large files)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
+                                         disable=not progress or size < 1 << 28) as bar:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()
 
 
 class ConversionError(Exception):
@@ -149,7 +171,7 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if not path.exists():
         raise ConversionError(f"checkpoint not found: {path} (check the path)")
     if path.is_dir():
-        found = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
+        found = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
         listing = f" (it contains: {', '.join(found[:5])})" if found else ""
         raise ConversionError(f"{path} is a directory; pass the checkpoint file itself{listing}")
     try:

@@ -29,13 +29,19 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from viscpm.conversion.common import ConversionError, atomic_output_dir, default_vocab_file
+from viscpm.conversion.common import (
+    CHECKPOINT_SUFFIXES,
+    SOURCE_INFO_FILE,
+    ConversionError,
+    atomic_output_dir,
+    default_vocab_file,
+    file_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ORIGINAL_REPOS", "OriginalRepo", "converted_cache_dir", "resolve_original_format"]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 CONVERSION_OPTIONS = ("llm_config", "vision_config", "query_num", "sd_base", "vocab_file")
 """Keyword arguments of ``from_pretrained`` that go to the converter (and into the cache key), not to the loader."""
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
@@ -207,8 +213,6 @@ def _convert(kind: str, checkpoint: Path, output_dir: Path, options: dict, hub: 
 def _converted(kind: str, checkpoint: Path, options: dict, hub: dict, provenance: dict) -> Path:
     """The cache entry for ``checkpoint``, converting it first if there is none (atomically, under a lock)."""
     from filelock import FileLock, Timeout
-
-    from viscpm.conversion.push_to_hub import SOURCE_INFO_FILE, file_sha256
 
     identity = _source_identity(checkpoint, provenance.get("repo"))
     key = {"format": CACHE_FORMAT, "kind": kind, "source": identity,

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
 import re
@@ -60,14 +59,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
 from viscpm import modeling
-from viscpm.conversion.common import (
+from viscpm.conversion.common import (  # noqa: F401  (file_sha256, SOURCE_INFO_FILE: also this module's names)
+    CHECKPOINT_SUFFIXES,
+    SOURCE_INFO_FILE,
     ConversionError,
     ScriptArgumentParser,
     atomic_output_dir,
+    file_sha256,
     first_line,
     is_within,
     shorten,
@@ -90,9 +93,6 @@ __all__ = [
 MODELING_DIR = Path(modeling.__file__).resolve().parent
 """The model-definition files; they ship to the Hub as remote code."""
 
-SOURCE_INFO_FILE = "viscpm_source.json"
-"""Written into a converted folder by :mod:`viscpm.conversion.original_format`: which original file it came from."""
-
 ORIGINAL_REPO = "https://github.com/OpenBMB/VisCPM"
 LICENSE_LINK = "https://github.com/OpenBMB/General-Model-License/blob/main/%E9%80%9A%E7%94%A8%E6%A8%A1%E5%9E%8B%E8%AE%B8%E5%8F%AF%E5%8D%8F%E8%AE%AE-%E6%9D%A5%E6%BA%90%E8%AF%B4%E6%98%8E-%E5%AE%A3%E4%BC%A0%E9%99%90%E5%88%B6-%E5%95%86%E4%B8%9A%E6%8E%88%E6%9D%83.md"
 """The VisCPM weights are under OpenBMB's General Model License (the code is Apache-2.0)."""
@@ -113,14 +113,10 @@ class HubError(Exception):
 
 def _module_of(class_name: str) -> str:
     """The file (module name, no ``.py``) of ``viscpm.modeling`` that defines ``class_name``."""
-    import importlib
-
-    for name in sorted(p.stem for p in MODELING_DIR.glob("*.py") if p.stem != "__init__"):
-        module = importlib.import_module(f"{modeling.__name__}.{name}")
-        obj = getattr(module, class_name, None)
-        if isinstance(obj, type) and obj.__module__ == module.__name__:
-            return name
-    raise HubError(f"no file of {MODELING_DIR} defines {class_name}")
+    name = modeling._EXPORTS.get(class_name)
+    if name is None:
+        raise HubError(f"no file of {MODELING_DIR} defines {class_name}")
+    return name
 
 
 def code_closure(modules: list[str]) -> list[str]:
@@ -210,7 +206,7 @@ def detect_kind(folder: str | os.PathLike) -> str:
         raise HubError(f"{folder}/config.json has model_type {model_type!r}; expected viscpm_chat or cpmbee")
     if any(folder.glob("*/adapter_config.json")):  # a Paint adapter: one peft folder per component
         return "adapter"
-    if any(p.suffix in (".pt", ".pth", ".bin", ".ckpt") for p in folder.iterdir()):
+    if any(p.suffix in CHECKPOINT_SUFFIXES for p in folder.iterdir()):
         hint = "; it looks like an original checkpoint: convert it first (conversion/convert_viscpm_*.py)"
     else:
         hint = ""
@@ -452,18 +448,6 @@ def _source_info(folder: Path, source_checkpoint: str | os.PathLike | None) -> d
         return _read_json(folder / SOURCE_INFO_FILE)
     return None
 
-
-def file_sha256(path: str | os.PathLike, progress: bool = True) -> str:
-    """The sha256 of a file, read in 8 MiB blocks (with a progress bar for large files)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}",
-                                         disable=not progress or size < 1 << 28) as bar:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def prepare_upload(
@@ -794,12 +778,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # huggingface_hub's HTTP errors (401, 403, 404, ...) as one line
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if not isinstance(error, HfHubHTTPError):
-            raise
-        print(f"error: the Hub refused the upload: {str(error).splitlines()[0]}", file=sys.stderr)
+    except HfHubHTTPError as error:  # 401, 403, 404, ... as one line
+        print(f"error: the Hub refused the upload: {first_line(error)}", file=sys.stderr)
         return 1
     print(f"pushed {args.repo_id}: {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
     return 0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -597,10 +598,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
                 "in the same tokenizer call"
             )
         flat_logits, flat_targets = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        if num_items_in_batch is None:
-            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-        loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="sum")
-        return loss / num_items_in_batch
+        return fixed_cross_entropy(flat_logits, flat_targets, num_items_in_batch, ignore_index=-100)
 
     # -- generation -------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_viscpm_paint import VisCPMPaintTextEncoderConfig
-from .modeling_cpmbee import CpmBeeModel
+from .modeling_cpmbee import CpmBeeModel, output_flags
 
 
 @dataclass
@@ -106,12 +106,8 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
         """
         kwargs.pop("use_cache", None)
         kwargs.pop("token_type_ids", None)
-        if output_attentions is None:
-            output_attentions = self.config.output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if output_attentions:
-            kwargs["output_attentions"] = True
+        output_attentions, output_hidden_states, return_dict = output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -122,6 +118,7 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
             ext_table_sub=ext_table_sub,
             inputs_embeds=inputs_embeds,
             use_cache=False,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
@@ -129,10 +126,10 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
         output = VisCPMPaintTextEncoderOutput(
             last_hidden_state=self.bridge(outputs.last_hidden_state),
             text_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
-            attentions=getattr(outputs, "attentions", None) if output_attentions else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderOutput"]

@@ -219,6 +219,15 @@ class _UnescapedText:
         return self._tokenizer.unescape(self._tokenizer.decode(ids, **kwargs))
 
 
+def streams(generation_config, options: dict) -> bool:
+    """Whether answers decoded with ``options`` over ``generation_config`` can stream, token by token: one beam in
+    transformers' loop (the original beam search ranks whole answers at the end)."""
+    do_sample = options.get("do_sample", generation_config.do_sample)
+    original = options.get("original_beam_search", getattr(generation_config, "original_beam_search", False))
+    beams = options.get("num_beams", generation_config.num_beams)
+    return beams == 1 and (do_sample or not original)
+
+
 class ChatSession:
     """A conversation about one image: keeps the history and the image features between turns.
 
@@ -229,18 +238,11 @@ class ChatSession:
     def __init__(self, chat, image=None, **generation_options):
         self.chat = chat
         self.options = generation_options
-        self.image = None
-        self.reset()
-        if image is not None:
-            self.set_image(image)
+        self.set_image(image)
 
     @property
     def streams(self) -> bool:
-        config = self.chat.model.generation_config
-        do_sample = self.options.get("do_sample", config.do_sample)
-        original = self.options.get("original_beam_search", getattr(config, "original_beam_search", False))
-        beams = self.options.get("num_beams", config.num_beams)
-        return beams == 1 and (do_sample or not original)
+        return streams(self.chat.model.generation_config, self.options)
 
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..conversion.common import follow_umask
+
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """CPM-Bee's projections (plain ``nn.Linear``): attention q/k/v/out and the gated FFN."""
 
@@ -136,12 +138,6 @@ def write_peft_folder(model, folder: str | os.PathLike, language: str | None = N
     return folder
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def adapter_folder_writer(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder inside ``output_dir``; once it is written, its entries replace the adapter in
@@ -157,9 +153,8 @@ def adapter_folder_writer(output_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "new-", dir=output_dir))
     try:
         yield staging
-        mask = _umask()
         for path in staging.rglob("*"):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+            follow_umask(path)
         _swap_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

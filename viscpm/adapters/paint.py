@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chat import LORA_TARGET_MODULES, adapter_folder_writer, lora_target_pattern, write_card, write_peft_folder
+from .chat import LORA_TARGET_MODULES, adapter_folder_writer, language_adapter_config, write_card, write_peft_folder
 
 UNET_CROSS_ATTENTION_TARGETS = r".*attn2\.(?:to_q|to_k|to_v|to_out\.0)"
 """peft target regex for the UNet's cross-attention (the layers that read the text)."""
@@ -104,8 +104,8 @@ def add_paint_adapter(pipeline, r: int = 16, lora_alpha: int = 32, lora_dropout:
     from diffusers import DDPMScheduler
     from peft import LoraConfig, get_peft_model
 
-    text_encoder = get_peft_model(pipeline.text_encoder, LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=lora_target_pattern(target_modules)))
+    text_encoder = get_peft_model(pipeline.text_encoder, language_adapter_config(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules))
     unet = pipeline.unet
     unet.requires_grad_(False)
     if train_unet_cross_attention:

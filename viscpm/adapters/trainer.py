@@ -284,13 +284,12 @@ def _training_args(output_dir, training_args: TrainingArguments | None, override
     return training_args
 
 
-def _train(model, train_dataset, output_dir, save: Callable[[Path], Any], training_args, resume_from_checkpoint,
-           overwrite, overrides, **trainer_kwargs):
-    """What both train functions do: apply the output folder's rules, train, check the weights, write the adapter
-    (main process only)."""
+def _train(model, train_dataset, save: Callable[[Path], Any], args: TrainingArguments, resume_from_checkpoint,
+           overwrite, **trainer_kwargs):
+    """What both train functions do with their checked ``args`` (`_training_args`): apply the output folder's rules,
+    train, check the weights, write the adapter (main process only)."""
     from transformers import Trainer
 
-    args = _training_args(output_dir, training_args, overrides)
     checkpoint = prepare_output_dir(args, resume_from_checkpoint, overwrite)
     if args.activation_checkpointing:  # frozen embeddings give no grad to the checkpointed blocks' inputs
         model.enable_input_require_grads()
@@ -344,8 +343,9 @@ def train_language_adapter(
     def save(folder):
         save_language_adapter(model, folder, language=language, base_model=base_model)
 
-    return _train(model, train_dataset, output_dir, save, training_args, resume_from_checkpoint, overwrite,
-                  training_overrides, data_collator=data_collator, eval_dataset=eval_dataset, callbacks=callbacks)
+    args = _training_args(output_dir, training_args, training_overrides)
+    return _train(model, train_dataset, save, args, resume_from_checkpoint, overwrite, data_collator=data_collator,
+                  eval_dataset=eval_dataset, callbacks=callbacks)
 
 
 class PaintCheckpointCallback(TrainerCallback):
@@ -378,8 +378,8 @@ def train_paint_adapter(model: PaintAdapterModel, train_dataset, output_dir: str
     def save(folder):
         save_paint_adapter(model, folder, language=language, base_model=base_model)
 
-    return _train(model, train_dataset, None, save, args, resume_from_checkpoint, overwrite, {},
-                  data_collator=data_collator, callbacks=[PaintCheckpointCallback(language, base_model)])
+    return _train(model, train_dataset, save, args, resume_from_checkpoint, overwrite, data_collator=data_collator,
+                  callbacks=[PaintCheckpointCallback(language, base_model)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -75,10 +75,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from viscpm.chat import ChatSession
+from viscpm.chat import streams as can_stream
 from viscpm.conversion.common import first_line
 
-from .common import AppError, decoding_options, load_chat, load_paint, paint_images
+from .common import SEED_MAX, AppError, decoding_options, load_chat, load_paint, paint_images
 
 __all__ = ["API_KEY_ENV", "ApiError", "ApiLimits", "Batcher", "build_app", "check_image_header", "image_bytes",
            "serve"]
@@ -273,7 +273,7 @@ def _in_range(value, low, high, param: str, what: str = "") -> None:
 
 
 def _check_seed(seed: int | None) -> None:
-    _in_range(seed, 0, 2**63 - 1, "seed")
+    _in_range(seed, 0, SEED_MAX, "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -871,7 +871,7 @@ class _ChatRequestParser:
         tokens = self._prompt_tokens(question, context)
         data, key, pixels, states = self.image(url)
         rows = request.n if samples else 1
-        streams = ChatSession(self.chat, None, **options).streams
+        streams = can_stream(self.chat.model.generation_config, options)
         seeded = samples and request.seed is not None
         batch_key = None if seeded else tuple(sorted(options.items()))
         checked = getattr(self.chat, "image_safety_checker", None) is not None  # it reads the image itself

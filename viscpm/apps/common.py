@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from viscpm.conversion.common import first_line
-from viscpm.conversion.original_format import CHECKPOINT_SUFFIXES
+from viscpm.conversion.common import CHECKPOINT_SUFFIXES
 
 __all__ = [
     "EXIT_ERROR",

@@ -29,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import gradio as gr  # noqa: E402
 
 from viscpm.chat import ChatSession  # noqa: E402
+from viscpm.conversion.common import first_line  # noqa: E402
 
 from .common import (  # noqa: E402
     EXIT_USAGE,
@@ -160,21 +161,19 @@ def build_app(chat, painter, max_new_tokens: int | None = None, paint_steps: int
 
 
 def serve(model_chat: str, model_paint: str, host: str = "127.0.0.1", port: int = 7860, dtype: str | None = None,
-          device: str | None = None, max_new_tokens: int | None = None, paint_steps: int | None = None) -> None:
+          device: str | None = None, max_new_tokens: int | None = None, paint_steps: int = 50) -> None:
     """Load both models, build the app and serve it until Ctrl-C (raised on as `KeyboardInterrupt` once the server
     is closed)."""
     check_address(host, port)
     chat = load_chat(model_chat, dtype, device)
     painter = load_paint(model_paint, dtype, device, progress=False)
-    if paint_steps is None:
-        paint_steps = 50
     app = build_app(chat, painter, max_new_tokens=max_new_tokens, paint_steps=paint_steps)
     kwargs: dict[str, Any] = dict(server_name=host, server_port=port, show_error=True, ssr_mode=False,
                                   theme=app.viscpm_theme, prevent_thread_lock=True)
     try:
         app.queue().launch(**kwargs)
     except OSError as error:  # taken since check_address looked
-        raise AppError(f"cannot serve on {host}:{port} ({str(error).splitlines()[0]}); try another --port") from None
+        raise AppError(f"cannot serve on {host}:{port} ({first_line(error)}); try another --port") from None
     try:
         while True:  # the server runs in gradio's threads
             time.sleep(1)
