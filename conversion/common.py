@@ -69,6 +69,7 @@ __all__ = [
     "layer_count",
     "load_config",
     "load_original_checkpoint",
+    "looks_like_repo_id",
     "parse_dtype",
     "require_file",
     "run_converter",
@@ -121,6 +122,11 @@ class ConversionError(Exception):
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
 _PICKLE_PROTO = b"\x80"  # the legacy torch.save format starts with a pickle (protocol >= 2)
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """Whether ``text`` (not an existing path) can be a Hub repo id, ``owner/name``, rather than a mistyped path."""
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", text)) and not text.startswith((".", "/")) and ".." not in text
 
 
 def first_line(error: BaseException) -> str:

@@ -36,6 +36,7 @@ from viscpm.conversion.common import (
     atomic_output_dir,
     default_vocab_file,
     file_sha256,
+    looks_like_repo_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -142,10 +143,6 @@ def _download(repo_id: str, filename: str, hub: dict) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo_id, filename, **hub))
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", text)) and not text.startswith((".", "/")) and ".." not in text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +292,7 @@ def resolve_original_format(source: str | os.PathLike, kind: str, variant: str |
             raise ConversionError(f"{path} is a converted {_NAMES[other]} folder, not {_NAMES[kind]}")
         name = _pick_checkpoint(files, variant, str(path), kind, None)
         return _converted(kind, path / name, conversion, hub, {"file": name})
-    if text.endswith(CHECKPOINT_SUFFIXES) or not _looks_like_repo_id(text):
+    if text.endswith(CHECKPOINT_SUFFIXES) or not looks_like_repo_id(text):
         if text.endswith(CHECKPOINT_SUFFIXES) or text.startswith((".", "/", "~")):
             raise ConversionError(f"{text} not found (check the path)")
         return unchanged()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..conversion.common import first_line
+from ..conversion.common import first_line, looks_like_repo_id
 from ..modeling.image_processing_viscpm import load_image_file, to_rgb
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
@@ -86,7 +86,7 @@ def load_conversations(source: Any, split: str = "train", **load_kwargs):
     if len(paths) == 1 and paths[0].is_dir():
         return _load_dataset(str(paths[0]), [str(paths[0])], split, **load_kwargs)
     missing = [str(p) for p in paths if not p.exists()]
-    looks_like_repo = (isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    looks_like_repo = (isinstance(source, str) and looks_like_repo_id(source)
                        and Path(source).suffix.lower() not in _FILE_BUILDERS)
     if len(files) == 1 and missing and looks_like_repo:
         return _load_dataset(source, [source], split, **load_kwargs)  # a Hub dataset id

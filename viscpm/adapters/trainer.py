@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from transformers import HfArgumentParser, SchedulerType, TrainerCallback, TrainingArguments
 
-from ..conversion.common import ScriptArgumentParser, first_line, shorten
+from ..conversion.common import ScriptArgumentParser, first_line, looks_like_repo_id, shorten
 from .chat import ADAPTER_ENTRIES, LORA_TARGET_MODULES, STAGING_PREFIX, add_language_adapter, lora_target_pattern
 from .chat import save_language_adapter
 from .data import AdapterError
@@ -248,7 +248,7 @@ def check_model(model: str) -> None:
         if not any((path / name).is_file() for name in ("config.json", "model_index.json")):
             raise AdapterError(f"--model {model} is not a converted model folder (no config.json or model_index.json): "
                                "convert the original checkpoint first (conversion/)")
-    elif model.count("/") != 1 or model.startswith((".", "/", "~")):
+    elif not looks_like_repo_id(model):
         raise AdapterError(f"--model {model} not found: give a converted VisCPM folder or a Hub repo id (owner/name)")
 
 

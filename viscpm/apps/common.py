@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from viscpm.conversion.common import first_line
-from viscpm.conversion.common import CHECKPOINT_SUFFIXES
+from viscpm.conversion.common import CHECKPOINT_SUFFIXES, looks_like_repo_id
 
 __all__ = [
     "EXIT_ERROR",
@@ -115,10 +115,6 @@ def _dtype(name: str | None):
     return None if name in (None, "auto") else getattr(torch, name)
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "\\" not in path
-
-
 def _has_checkpoint(folder: Path) -> bool:
     return any(child.suffix.lower() in CHECKPOINT_SUFFIXES for child in folder.iterdir())
 
@@ -134,7 +130,7 @@ def check_model(path: str, kind: str) -> str:
            "or run `viscpm demo` for a tiny one")
     local = Path(path).expanduser()
     if not local.exists():
-        if _looks_like_hub_id(path):
+        if looks_like_repo_id(path):
             return path
         raise AppError(f"model folder {path} not found; {fix}")
     if local.is_file():
@@ -190,7 +186,7 @@ def load_chat(path: str, dtype: str | None = None, device: str | None = None, va
 
     source = check_model(path, "chat")
     torch_device = resolve_device(device)
-    if adapter is not None and not Path(adapter).expanduser().exists() and not _looks_like_hub_id(adapter):
+    if adapter is not None and not Path(adapter).expanduser().exists() and not looks_like_repo_id(adapter):
         raise AppError(f"adapter {adapter} not found; pass a folder with adapter_config.json (or a Hub repo id)")
     kwargs: dict[str, Any] = {}
     if variant is not None:
