@@ -39,6 +39,11 @@ from .tokenization_cpmbee import CpmBeeTokenizer
 
 
 _IMAGE_SEGMENT = 2  # "<root>" is segment 0, the "image" key 1, its leaf 2 (the image leaf always comes first)
+
+
+def chat_turn(question: str, answer: str) -> str:
+    """One turn of the conversation history (the prompt's ``context``) in the original's plain-text format."""
+    return f"User: {question}\nAI: {answer}\n"
 _IMAGE_PART_KEYS = ("image", "url", "path", "base64")
 _UNSPELLABLE = "\ufffd"  # what an out-of-vocabulary piece decodes to when no table spells it (see decoding)
 # Every keyword `__call__` understands: transformers' processing kwargs, flat or grouped by modality.
@@ -180,7 +185,7 @@ class VisCPMChatProcessor(ProcessorMixin):
             raise ValueError("the chat must end with a user message: VisCPM-Chat cannot continue an assistant message")
         if len(images) > 1:
             raise ValueError(f"the chat has {len(images)} image parts: VisCPM-Chat sees one image per conversation")
-        context = "".join(f"User: {q}\nAI: {a}\n" for q, a in zip(turns[:-1:2], turns[1::2]))
+        context = "".join(chat_turn(q, a) for q, a in zip(turns[:-1:2], turns[1::2]))
         return turns[-1], context, (images[0] if images else None)
 
     def apply_chat_template(self, conversation, chat_template=None, tools=None, documents=None,

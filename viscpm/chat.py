@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .conversion.original_format import resolve_original_format
+from .modeling.processing_viscpm_chat import chat_turn
 from .modeling.tokenization_cpmbee import CpmBeeTokenizer
 from .safety import load_image_safety_checker
 
@@ -166,7 +167,7 @@ class VisCPMChat:
         for row, (question, context, data) in enumerate(zip(questions, contexts, decoded)):
             answer = data["<ans>"] or ""
             # Our contexts are plain text (the processor escapes them); the answer string is CPM-Bee text.
-            history = context + "User: " + question + "\n" + "AI: " + CpmBeeTokenizer.unescape(answer) + "\n"
+            history = context + chat_turn(question, CpmBeeTokenizer.unescape(answer))
             states = vision_hidden_states[row: row + 1] if vision_hidden_states.shape[0] > 1 else vision_hidden_states
             responses.append(ChatResponse(answer, history, states, flags[row]))
         return responses

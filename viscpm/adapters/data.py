@@ -21,6 +21,7 @@ import torch
 
 from ..conversion.common import first_line, looks_like_repo_id
 from ..modeling.image_processing_viscpm import load_image_file, to_rgb
+from ..modeling.processing_viscpm_chat import chat_turn
 from ..modeling.tokenization_cpmbee import CpmBeeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def conversation_turns(conversations: Any) -> list[tuple[str, str, str]]:
         if not answer:
             raise BadDataError("malformed conversation (empty answer)")
         turns.append((history, question, answer))
-        history += "User: " + question + "\n" + "AI: " + answer + "\n"
+        history += chat_turn(question, answer)
     return turns
 
 
