@@ -39,6 +39,8 @@ setup(
         "api": ["fastapi>=0.115", "uvicorn>=0.30"],
         # 8-bit / 4-bit loading: `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`.
         "quantization": ["bitsandbytes>=0.50"],
+        # MpM training beyond transformers' Trainer: TRL's SFTTrainer with our processor.
+        "train": ["trl>=1.16,<2"],
         # The original implementation is the test oracle. Its packages (VisCPM==0.0.1.dev0,
         # torchscale==0.3.0, fairscale==0.4.0) declare pins on old releases, so they are NOT listed
         # here: .ci/run installs them with `pip install --no-deps`. What they import is listed here.
@@ -65,6 +67,8 @@ setup(
             "fastapi>=0.115",
             "uvicorn>=0.30",
             "openai>=1.50",
+            # tests/adapters: TRL's SFTTrainer on a tiny VisCPM-Chat
+            "trl>=1.16,<2",
         ],
     },
     entry_points={"console_scripts": ["viscpm=viscpm_cli:main"]},

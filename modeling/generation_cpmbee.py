@@ -45,22 +45,23 @@ def _rows(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
 # -- argument checks: a bad generation argument is a clear error here, not a failure deep inside torch -------------
 
 
-def check_count(value, name: str) -> None:
-    """``value`` must be a whole number >= 1 (``None`` means the default)."""
+def check_count(value, name: str, minimum: int = 1, why: str = "") -> None:
+    """``value`` must be a whole number >= ``minimum`` (``None`` means the default); ``why`` is added to the message
+    of an out-of-range value."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number >= 1, got {type(value).__name__} {value!r}: pass e.g. "
-                        f"{name}={_count_example(value)}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise TypeError(f"{name} must be a whole number >= {minimum}, got {type(value).__name__} {value!r}: pass e.g. "
+                        f"{name}={_count_example(value, minimum)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}{why}")
 
 
-def _count_example(value) -> int:
+def _count_example(value, minimum: int) -> int:
     try:
-        return max(1, int(float(value)))
+        return max(minimum, int(float(value)))
     except (TypeError, ValueError):
-        return 1
+        return minimum
 
 
 def check_real(value, name: str, minimum: float, inclusive: bool, why: str = "") -> None:
@@ -75,6 +76,30 @@ def check_real(value, name: str, minimum: float, inclusive: bool, why: str = "")
     if value < minimum or (value == minimum and not inclusive):
         bound = f">= {minimum}" if inclusive else f"> {minimum}"
         raise ValueError(f"{name} must be {bound}, got {value}{why}")
+
+
+def check_share(value, name: str, low: float, high: float, low_open: bool, high_open: bool, why: str) -> None:
+    """``value`` must be a real number in the interval from ``low`` to ``high`` (open at the ends named);
+    ``None`` means the default. ``why`` says what the setting is, for the message."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (value > low if low_open else value >= low) or not (value < high if high_open else value <= high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}: {why}")
+
+
+SAMPLING_SHARES = {
+    # name: (low, high, low open, high open, what it is)
+    "top_p": (0.0, 1.0, True, False, "the probability mass sampled from (1 keeps every token)"),
+    "typical_p": (0.0, 1.0, True, False, "the typical-sampling mass (1 turns it off)"),
+    "min_p": (0.0, 1.0, False, False, "a token's least probability relative to the top token's (0 turns it off)"),
+    "epsilon_cutoff": (0.0, 1.0, False, True, "the least probability a token keeps (0 turns it off)"),
+    "eta_cutoff": (0.0, 1.0, False, True, "the eta-sampling cutoff (0 turns it off)"),
+}
+"""The sampling settings that are shares of probability, with their ranges (as transformers' logits processors
+define them; out of range they fail late, deep inside the processor, or quietly do nothing)."""
 
 
 TEMPERATURE_ZERO = (
@@ -109,6 +134,10 @@ def check_generation_config(config, kwargs: dict, original: bool, temperature=No
 
     for name in ("num_beams", "max_new_tokens", "max_length", "num_return_sequences"):
         check_count(value(name), name)
+    for name, (low, high, low_open, high_open, why) in SAMPLING_SHARES.items():
+        check_share(value(name), name, low, high, low_open, high_open, why)
+    check_count(value("top_k"), "top_k", minimum=0,
+                why=": the number of most likely tokens sampled from (0 keeps every token)")
     if original:
         check_original_settings(value("num_beams"), value("original_max_length"), value("repetition_penalty"),
                                 value("length_penalty"), temperature,

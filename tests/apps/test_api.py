@@ -10,6 +10,7 @@ import concurrent.futures
 import http.server
 import io
 import json
+import math
 import signal
 import struct
 import threading
@@ -238,6 +239,12 @@ def _bad_requests(server) -> list:
         ("max_tokens over the limit", dict(max_completion_tokens=65), 400, "invalid_value", "between 1 and 64"),
         ("n too large", dict(n=50), 400, "invalid_value", "n must be between 1 and 8"),
         ("temperature too high", dict(temperature=3.0), 400, "invalid_value", "temperature"),
+        ("top_p above 1", dict(temperature=0.9, top_p=2.0), 400, "invalid_value", "top_p"),
+        ("top_p zero", dict(temperature=0.9, top_p=0.0), 400, "invalid_value", "top_p must be above 0"),
+        ("negative top_k", dict(temperature=0.9, extra_body={"top_k": -1}), 400, "invalid_value", "top_k"),
+        ("temperature NaN", lambda http: http.post(  # the OpenAI client refuses to send NaN; JSON parsers accept it
+            "/v1/chat/completions", content=json.dumps({"model": chat, "messages": good, "temperature": math.nan}),
+            headers={"Content-Type": "application/json"}), 400, "invalid_value", "temperature"),
         ("greedy with beams", dict(extra_body={"decoding": "greedy", "num_beams": 2}), 400, None, "one beam"),
         ("system message", dict(messages=[{"role": "system", "content": "Be brief."}, *good]), 400, None,
          "no system prompt"),

@@ -2,6 +2,7 @@
 original `VisCPMChat.chat()` path (`VLLMCPMBeeBeamSearch.generate` with the same settings)."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -113,6 +114,10 @@ def test_pipeline_equals_chat(chat, viscpm_chat):
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     from_messages = pipe(text=messages, return_full_text=False, generate_kwargs={"max_new_tokens": MAX_NEW_TOKENS})
     assert from_messages[0]["generated_text"] == out[0]["generated_text"]
+    for bad, name in (({"top_p": 2.0}, "top_p"), ({"top_k": -1}, "top_k"), ({"temperature": math.nan}, "temperature"),
+                      ({"typical_p": 0.0}, "typical_p"), ({"min_p": 1.5}, "min_p")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            pipe(images=image, text=question, generate_kwargs={"max_new_tokens": 2, "do_sample": True, **bad})
 
 
 def test_user_text_is_always_text(viscpm_chat):
