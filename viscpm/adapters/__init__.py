@@ -18,8 +18,9 @@ Text only (the "multilingual alignment" stage, no image): :func:`prepare_text_da
 :func:`load_language_adapters`, or ``VisCPMChat.from_pretrained(base, adapter=path)``.
 
 The modules: ``data`` (rows, prompts, the one preparation path, collators), ``chat`` (Chat / CPM-Bee adapters:
-config, add, save, load), ``paint`` (Paint adapters) and ``trainer`` (arguments, the output folder's rules, the train
-functions and what the training scripts share).
+config, add, save, load), ``paint`` (Paint adapters), ``trainer`` (arguments, the output folder's rules, the train
+functions and what the training scripts share) and ``stages`` (the MpM recipe's stages as presets: what each trains,
+on which data, :func:`apply_stage`, :func:`train_stage`).
 """
 
 from .chat import (
@@ -37,6 +38,7 @@ from .chat import (
 from .data import (
     ASSISTANT_ROLES,
     HUMAN_ROLES,
+    CAPTION_QUESTION,
     AdapterError,
     BadDataError,
     ChatAdapterCollator,
@@ -47,6 +49,7 @@ from .data import (
     load_conversations,
     load_rows,
     paint_caption_prompt,
+    prepare_caption_chat_dataset,
     prepare_chat_dataset,
     prepare_examples,
     prepare_paint_dataset,
@@ -59,6 +62,17 @@ from .paint import (
     add_paint_adapter,
     load_paint_adapter,
     save_paint_adapter,
+)
+from .stages import (
+    STAGE_RECORD,
+    STAGES,
+    PaintStageModel,
+    StagePreset,
+    apply_stage,
+    prepare_stage,
+    prepare_stage_dataset,
+    stage_collator,
+    train_stage,
 )
 from .trainer import (
     AdapterArguments,
@@ -79,6 +93,7 @@ __all__ = [
     "AdapterError",
     "AdapterTrainingArguments",
     "BadDataError",
+    "CAPTION_QUESTION",
     "ChatAdapterCollator",
     "DataArguments",
     "HUMAN_ROLES",
@@ -87,10 +102,15 @@ __all__ = [
     "PaintAdapterCollator",
     "PaintAdapterModel",
     "PaintCheckpointCallback",
+    "PaintStageModel",
     "QUERY_MODULE",
+    "STAGES",
+    "STAGE_RECORD",
+    "StagePreset",
     "UNET_CROSS_ATTENTION_TARGETS",
     "adapter_argument_parser",
     "adapter_folder_writer",
+    "apply_stage",
     "add_language_adapter",
     "add_paint_adapter",
     "chat_training_prompt",
@@ -104,14 +124,19 @@ __all__ = [
     "load_rows",
     "lora_target_pattern",
     "paint_caption_prompt",
+    "prepare_caption_chat_dataset",
     "prepare_chat_dataset",
     "prepare_examples",
     "prepare_paint_dataset",
+    "prepare_stage",
+    "prepare_stage_dataset",
     "prepare_text_dataset",
     "run_training_script",
     "save_language_adapter",
     "save_paint_adapter",
+    "stage_collator",
     "text_training_prompt",
     "train_language_adapter",
     "train_paint_adapter",
+    "train_stage",
 ]

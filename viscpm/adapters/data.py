@@ -404,23 +404,68 @@ def prepare_chat_dataset(
     (``"raise"``); no usable row at all always raises. ``check_images=False`` skips opening every image here (then a
     bad image is an error when its batch is built).
     """
+    columns = {"image_column": image_column, "conversations_column": conversations_column}
+    return _prepare_image_turns(dataset, processor, lambda row: conversation_turns(row[conversations_column]),
+                                columns, "chat", (), image_folder, check_images, max_length, on_bad_rows, num_proc)
+
+
+def _prepare_image_turns(dataset, processor, row_turns, columns, what, key_extra, image_folder, check_images,
+                         max_length, on_bad_rows, num_proc):
+    """The one way image rows become Chat examples: ``row_turns(row)`` gives its ``(context, question, answer)``
+    turns, each encoded as the prompt ``chat()`` asks at that turn with the answer in place, plus the row's image."""
     import datasets
 
     tokenizer, query_num = processor.tokenizer, processor.query_num
     images = ImageSource(image_folder, check_images)
+    image_column = columns["image_column"]
 
     def row_examples(row):
-        turns = conversation_turns(row[conversations_column])
+        turns = row_turns(row)
         image = images(row[image_column])
         for context, question, answer in turns:
             encoded = encode_example(tokenizer, chat_training_prompt(question, answer, context, query_num))
             yield {**encoded, **image, "image_start": _image_start(encoded["segment_ids"])}
 
     features = {**_token_features(TEXT_KEYS), **_image_features(), "image_start": datasets.Value("int64")}
-    columns = {"image_column": image_column, "conversations_column": conversations_column}
-    key = cache_key(tokenizer, columns, str(images.folder), check_images, query_num)
-    return prepare_examples(dataset, row_examples, features, "chat", columns=columns, image_folder=image_folder,
+    key = cache_key(tokenizer, columns, str(images.folder), check_images, query_num, *key_extra)
+    return prepare_examples(dataset, row_examples, features, what, columns=columns, image_folder=image_folder,
                             max_length=max_length, on_bad_rows=on_bad_rows, num_proc=num_proc, key=key)
+
+
+CAPTION_QUESTION = "Describe the image briefly."
+"""The question every image-caption row of the Chat alignment stage is asked (its answer is the caption): a plain
+English request for a short description, so that the stage trains the image-to-text path on the prompt layout
+``chat()`` uses, and a model trained on it answers a like question with a caption."""
+
+
+def prepare_caption_chat_dataset(
+    dataset,
+    processor,
+    image_folder: str | os.PathLike | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    question: str = CAPTION_QUESTION,
+    max_length: int | None = 2048,
+    on_bad_rows: str = SKIP,
+    check_images: bool = True,
+    num_proc: int | None = None,
+):
+    """Image-caption rows (``{"image": ..., "caption": ...}``, the MpM Chat alignment stage) → Chat training
+    examples: one per row, the prompt :func:`chat_training_prompt` of ``question`` (no history) with the caption as
+    the answer, in the layout of :func:`prepare_chat_dataset` (so :class:`ChatAdapterCollator` batches them). Bad
+    rows (missing/corrupt image, empty caption, too long) are skipped with a count or raised, as for chat."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty text: the prompt each caption answers")
+
+    def row_turns(row):
+        caption = row[caption_column]
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadDataError("empty caption")
+        return [("", question, caption.strip())]
+
+    columns = {"image_column": image_column, "caption_column": caption_column}
+    return _prepare_image_turns(dataset, processor, row_turns, columns, "caption", (question,), image_folder,
+                                check_images, max_length, on_bad_rows, num_proc)
 
 
 def prepare_text_dataset(

@@ -203,13 +203,14 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path:
 
 
 def check_output_dir(output_dir: str | os.PathLike, resume: str | bool | None = None,
-                     overwrite: bool = False) -> str | None:
+                     overwrite: bool = False, owned: Sequence[str] = ()) -> str | None:
     """Check ``output_dir`` against what the run means to do, changing nothing; return the checkpoint to resume.
 
     A new run (no ``resume``) needs an empty or new folder, or ``overwrite`` for one that holds only an adapter and
     its checkpoints (anything else there is never deleted). ``resume=True`` (or ``"last"``) continues from the last
     checkpoint in ``output_dir``: there must be one. ``resume=PATH`` continues from that checkpoint, into this
-    folder's run or into an empty folder. Every refusal is an `AdapterError` that says what to do.
+    folder's run or into an empty folder. ``owned`` names more entries that ``overwrite`` may replace (a model
+    folder's files). Every refusal is an `AdapterError` that says what to do.
     """
     output_dir = Path(output_dir).expanduser()
     if resume and overwrite:
@@ -234,7 +235,7 @@ def check_output_dir(output_dir: str | os.PathLike, resume: str | bool | None = 
         raise AdapterError(f"{output_dir} is not empty (it holds {shorten(entries)}): add --overwrite to replace its "
                            "adapter and start a new run, --resume to continue its run, or give another --output-dir")
     foreign = [name for name in entries
-               if name not in (*ADAPTER_ENTRIES, CHECKPOINTS) and not name.startswith(STAGING_PREFIX)]
+               if name not in (*ADAPTER_ENTRIES, *owned, CHECKPOINTS) and not name.startswith(STAGING_PREFIX)]
     if foreign:
         raise AdapterError(f"{output_dir} holds files that are not an adapter's ({shorten(foreign)}); --overwrite "
                            "replaces only an adapter and its checkpoints: give another --output-dir")
@@ -252,11 +253,12 @@ def check_model(model: str) -> None:
         raise AdapterError(f"--model {model} not found: give a converted VisCPM folder or a Hub repo id (owner/name)")
 
 
-def prepare_output_dir(args: TrainingArguments, resume: str | bool | None = None, overwrite: bool = False) -> str | None:
+def prepare_output_dir(args: TrainingArguments, resume: str | bool | None = None, overwrite: bool = False,
+                       owned: Sequence[str] = ()) -> str | None:
     """:func:`check_output_dir` on every process, the main process first; with ``overwrite`` the main process then
     deletes the old run's checkpoints (and staging leftovers), so that they never mix with the new run's."""
     with args.main_process_first(local=False, desc="checking the output folder"):
-        checkpoint = check_output_dir(args.output_dir, resume, overwrite)
+        checkpoint = check_output_dir(args.output_dir, resume, overwrite, owned)
         if overwrite and args.process_index == 0:
             output_dir = Path(args.output_dir).expanduser()
             for path in (output_dir / CHECKPOINTS, *output_dir.glob(STAGING_PREFIX + "*")):
@@ -285,12 +287,12 @@ def _training_args(output_dir, training_args: TrainingArguments | None, override
 
 
 def _train(model, train_dataset, save: Callable[[Path], Any], args: TrainingArguments, resume_from_checkpoint,
-           overwrite, **trainer_kwargs):
-    """What both train functions do with their checked ``args`` (`_training_args`): apply the output folder's rules,
-    train, check the weights, write the adapter (main process only)."""
+           overwrite, owned: Sequence[str] = (), **trainer_kwargs):
+    """What the train functions do with their checked ``args`` (`_training_args`): apply the output folder's rules
+    (``owned``: see :func:`check_output_dir`), train, check the weights, write the result (main process only)."""
     from transformers import Trainer
 
-    checkpoint = prepare_output_dir(args, resume_from_checkpoint, overwrite)
+    checkpoint = prepare_output_dir(args, resume_from_checkpoint, overwrite, owned)
     if args.activation_checkpointing:  # frozen embeddings give no grad to the checkpointed blocks' inputs
         model.enable_input_require_grads()
     run_args = dataclasses.replace(args, output_dir=str(Path(args.output_dir).expanduser() / CHECKPOINTS))
@@ -420,10 +422,12 @@ def parse_script_arguments(parser: HfArgumentParser, argv: Sequence[str], defaul
 
 
 def run_training_script(train: Callable[..., Any], dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
-                        defaults: dict | None = None, prog: str | None = None, description: str | None = None) -> int:
+                        defaults: dict | None = None, prog: str | None = None, description: str | None = None,
+                        check: Callable[..., Any] | None = None) -> int:
     """Run a training script: parse ``argv`` into ``dataclass_types`` (:class:`AdapterArguments` and
     :class:`AdapterTrainingArguments` among them; ``defaults`` override their defaults), check the output folder
-    before anything is loaded, then call ``train(*parsed)``. Returns the exit status: 0, 1 with one line on stderr
+    before anything is loaded (:func:`check_output_dir`, or ``check(*parsed)`` when given), then call
+    ``train(*parsed)``. Returns the exit status: 0, 1 with one line on stderr
     for anything the user can fix (nothing half-written is left), 2 for usage errors, 130 when interrupted."""
     parser = adapter_argument_parser(dataclass_types, defaults, prog, description)
     try:
@@ -438,7 +442,10 @@ def run_training_script(train: Callable[..., Any], dataclass_types: Sequence[typ
     logging.getLogger("viscpm.adapters").setLevel(logging.INFO)
     try:
         check_model(adapter.model)  # before anything slow
-        check_output_dir(args.output_dir, adapter.resume, adapter.overwrite)
+        if check is None:
+            check_output_dir(args.output_dir, adapter.resume, adapter.overwrite)
+        else:
+            check(*parsed)
         train(*parsed)
     except KeyboardInterrupt:
         print(f"interrupted: no adapter was written (checkpoints, if any, are in {Path(args.output_dir) / CHECKPOINTS}: "
