@@ -13,6 +13,10 @@ User text is always text: the question and the history are escaped (`<` becomes 
 or `<unk>` typed by a user stays literal. (The original inserts them raw: `a<b` raises, `<unk>` becomes an extra
 image-like slot, `<ans>`/`<s>` become control tokens.) For text without `<` the encoding is the original's.
 
+Training (TRL's `SFTTrainer` and its vision-language collator): a chat that ends with the assistant's answer
+encodes, through [`~VisCPMChatProcessor.apply_chat_template`], as the same prompt followed by the answer and `</s>`,
+with `assistant_masks` on what the model has to write (see there).
+
 Decoding is stateless: [`~VisCPMChatProcessor.post_process_image_text_to_text`] reads everything from the ids it is
 given (see there for the one thing ids cannot carry: the spelling of out-of-vocabulary pieces).
 
@@ -165,6 +169,12 @@ class VisCPMChatProcessor(ProcessorMixin):
         """`(question, context, image)` of a chat: the last user turn is the question, earlier user/assistant pairs
         form the history in the original's format, and the (at most one) image part gives the image (`None` for a
         bare `{"type": "image"}` placeholder or no image part). Texts are returned raw (not escaped)."""
+        question, context, image, _ = self._read_chat(messages, answered=False)
+        return question, context, image
+
+    def _read_chat(self, messages: list[dict], answered: bool) -> tuple[str, str, Any, str | None]:
+        """`(question, context, image, answer)` of a chat (see [`conversation_to_prompt`]); `answer` is the final
+        assistant message when the chat ends with one and `answered` allows it (a training example), else `None`."""
         if not _is_conversation(messages):
             raise ValueError("a chat must be a non-empty list of {'role': ..., 'content': ...} messages")
         turns, images = [], []
@@ -181,12 +191,23 @@ class VisCPMChatProcessor(ProcessorMixin):
             text, found = self._content_text_and_images(message, f"message {i}")
             turns.append(text)
             images.extend(found)
+        answer = None
         if messages[-1]["role"] != "user":
-            raise ValueError("the chat must end with a user message: VisCPM-Chat cannot continue an assistant message")
+            if not answered:
+                raise ValueError("the chat must end with a user message: VisCPM-Chat cannot continue an assistant "
+                                 "message (a chat ending with its answer is a training example: encode it with "
+                                 "apply_chat_template(..., tokenize=True))")
+            answer = turns.pop()
         if len(images) > 1:
             raise ValueError(f"the chat has {len(images)} image parts: VisCPM-Chat sees one image per conversation")
         context = "".join(chat_turn(q, a) for q, a in zip(turns[:-1:2], turns[1::2]))
-        return turns[-1], context, (images[0] if images else None)
+        return turns[-1], context, (images[0] if images else None), answer
+
+    def training_prompt(self, question: str, answer: str, context: str = "") -> dict:
+        """The prompt dict of one answered turn: [`build_prompt`]'s with the (escaped) answer in `<ans>`."""
+        if not isinstance(answer, str):
+            raise ValueError(f"answer must be a str, got {type(answer).__name__}")
+        return {**self.build_prompt(question, context), "<ans>": self.tokenizer.escape(answer)}
 
     def apply_chat_template(self, conversation, chat_template=None, tools=None, documents=None,
                             add_generation_prompt: bool = False, continue_final_message: bool = False,
@@ -202,33 +223,63 @@ class VisCPMChatProcessor(ProcessorMixin):
         [`conversation_to_prompt`]). There is no Jinja template: the layout is fixed by the original, and the prompt
         always ends by opening the answer (whatever `add_generation_prompt` says).
 
-        With `tokenize=False` returns the prompt dict (a list for a list of chats), which `__call__` accepts as
-        `text`. With `tokenize=True` returns the processor's [`BatchFeature`] (`return_dict=True`) or its `input_ids`;
-        `processor_kwargs` and further keyword arguments go to `__call__` (`return_tensors="auto"`: its default).
-        `continue_final_message` (an assistant prefill), `tools`, `documents` and assistant masks are not supported.
+        A chat that ends with an assistant message is a training example (what TRL's `SFTTrainer` and its
+        vision-language collator pass): that message is the answer of the last question, laid out in CPM-Bee's
+        training layout (the prompt `chat()` asks with the answer in place, `context_mask` 0 on it) and closed by
+        `</s>`, so that next-token labels (`labels = input_ids`, shifted by the loss) also teach the model to stop.
+        With `return_assistant_tokens_mask=True` the encoding has `assistant_masks`: 1 on the answer's tokens and
+        that `</s>` (what the model has to write), 0 on the prompt, the answer's opening `<s>` and padding; a chat
+        ending with a user message has none. A batch cannot mix answered and unanswered chats.
+
+        With `tokenize=False` returns the prompt dict (a list for a list of chats): the one `__call__` accepts as
+        `text`, or for an answered chat [`training_prompt`]'s dict. With `tokenize=True` returns the processor's
+        [`BatchFeature`] (`return_dict=True`) or its `input_ids`; `processor_kwargs` and further keyword arguments go
+        to `__call__` (`return_tensors="auto"`: its default). `continue_final_message` (an assistant prefill),
+        `tools` and `documents` are not supported.
         """
         unsupported = {"chat_template": chat_template, "tools": tools, "documents": documents,
-                       "continue_final_message": continue_final_message,
-                       "return_assistant_tokens_mask": return_assistant_tokens_mask}
+                       "continue_final_message": continue_final_message}
         for name, value in unsupported.items():
             if value:
                 reason = ("cannot continue an assistant message (no assistant prefill)"
                           if name == "continue_final_message" else "lays out chats in code and has no use for it")
                 raise ValueError(f"VisCPM-Chat {reason}: drop {name}")
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True (the mask is "
+                             "the encoding's 'assistant_masks')")
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and all(
             _is_conversation(c) for c in conversation)
         conversations = list(conversation) if batched else [conversation]
+        chats = []
+        for i, chat in enumerate(conversations):
+            try:
+                chats.append(self._read_chat(chat, answered=True))
+            except ValueError as error:
+                raise ValueError(f"chat {i}: {error}" if batched else str(error)) from None
+        answered = [answer is not None for *_, answer in chats]
+        if any(answered) and add_generation_prompt:
+            raise ValueError("add_generation_prompt=True asks for a new answer, but the chat ends with its answer: "
+                             "drop the final assistant message, or add_generation_prompt")
+        if any(answered) and not all(answered):
+            raise ValueError("a batch mixes chats that end with their answer (training) and chats that end with a "
+                             "question (generation): encode them apart")
         if not tokenize:
-            prompts = []
-            for chat in conversations:
-                question, context, _ = self.conversation_to_prompt(chat)
-                prompts.append(self.build_prompt(question, context))
+            prompts = [self.build_prompt(q, c) if a is None else self.training_prompt(q, a, c) for q, c, _, a in chats]
             return prompts if batched else prompts[0]
         call_kwargs = {**(processor_kwargs or {}), **kwargs}
         call_kwargs.pop("sanitize_control_tokens", None)  # chats are always escaped here
         if return_tensors != "auto":
             call_kwargs["return_tensors"] = return_tensors
-        out = self(text=conversations if batched else conversations[0], **call_kwargs)
+        if not all(answered):
+            out = self(text=conversations if batched else conversations[0], **call_kwargs)
+            if return_assistant_tokens_mask:
+                ids = out["input_ids"]
+                out["assistant_masks"] = ids * 0 if hasattr(ids, "shape") else [[0] * len(row) for row in ids]
+            return out if return_dict else out["input_ids"]
+        eos = self.tokenizer.eos_token
+        prompts = [{**self.training_prompt(q, a, c), "<ans>": self.tokenizer.escape(a) + eos} for q, c, _, a in chats]
+        out = self._encode(prompts, [image for _, _, image, _ in chats], batched, None, call_kwargs,
+                           training=True, assistant_masks=return_assistant_tokens_mask)
         return out if return_dict else out["input_ids"]
 
     # ------------------------------------------------------------------ __call__
@@ -340,6 +391,12 @@ class VisCPMChatProcessor(ProcessorMixin):
         Returns:
             [`BatchFeature`] with the tokenizer's keys, `image_bound`, and `pixel_values` when there are images.
         """
+        self._check_call_kwargs(kwargs)
+        prompts, chat_images, batched = ([], [], False) if text is None else self._items(text, context)
+        return self._encode(prompts, chat_images, batched, images, kwargs, text=text is not None)
+
+    def _check_call_kwargs(self, kwargs: dict) -> None:
+        """Refuse (before anything is encoded) the modalities and keyword arguments `__call__` does not take."""
         for key in ("videos", "audio"):
             if kwargs.pop(key, None) is not None:
                 raise ValueError(f"VisCPM-Chat does not take {key}")
@@ -348,23 +405,37 @@ class VisCPMChatProcessor(ProcessorMixin):
             raise TypeError(f"VisCPMChatProcessor got unsupported arguments: {unknown}")
         if kwargs.get("return_text_replacement_offsets"):
             raise ValueError("return_text_replacement_offsets: VisCPM-Chat replaces no placeholder text")
+
+    def _encode(self, prompts: list[dict], chat_images: list, batched: bool, images, kwargs: dict,
+                text: bool = True, training: bool = False, assistant_masks: bool = False) -> BatchFeature:
+        """`__call__`'s encoding of prompt dicts (and images); `training`: the tokenizer's training layout (answers
+        in place; its CPM-Bee-aligned `labels` are not returned), `assistant_masks`: add the answer-token mask."""
+        self._check_call_kwargs(kwargs)
         merged = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         text_kwargs.pop("return_mm_token_type_ids", None)
         return_tensors = text_kwargs.pop("return_tensors", None)
-        if text is None:
+        if not text:
             if images is None:
                 raise ValueError("nothing to process: pass text (a question, a chat or a prompt dict) and/or images")
             return self.image_processor(images, **images_kwargs)
 
-        prompts, chat_images, batched = self._items(text, context)
         images = self._images_per_item(images, chat_images, batched)
-        encoding = self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
+        limit = None
+        if training and text_kwargs.pop("truncation", None) not in (None, False, "do_not_truncate"):
+            limit = text_kwargs.get("max_length")  # a limit, not a cut: a cut answer would train a wrong ending
+        encoding = self.tokenizer(prompts, return_tensors=return_tensors, return_labels=training, **text_kwargs)
+        encoding.pop("labels", None)
         rows = {key: encoding[key].tolist() if hasattr(encoding[key], "tolist") else encoding[key]
-                for key in ("input_ids", "segment_ids")}
+                for key in ("input_ids", "segment_ids", "context_mask")}
         masks = encoding.get("attention_mask", [[1] * len(ids) for ids in rows["input_ids"]])
         masks = masks.tolist() if hasattr(masks, "tolist") else masks
         self._check_prompt_lengths([sum(mask) for mask in masks], batched)
+        for i, length in enumerate(sum(mask) for mask in masks):
+            if limit is not None and length > int(limit):
+                where = f"item {i}: " if batched else ""
+                raise ValueError(f"{where}the example is {length} tokens, over max_length={limit}: a training example "
+                                 "is not cut; raise max_length (or set it to None), or shorten the chat")
         bounds = self._image_bound(rows["segment_ids"], masks)
         data = dict(encoding)
         data["image_bound"] = self._as(bounds, return_tensors)
@@ -372,6 +443,13 @@ class VisCPMChatProcessor(ProcessorMixin):
             types = [[int(start <= p < end) for p in range(len(ids))] for ids, (start, end) in
                      zip(rows["input_ids"], bounds)]
             data["mm_token_type_ids"] = self._as(types, return_tensors)
+        if assistant_masks:
+            # The answer is the run of real tokens outside the context; its first token (`<s>`) is given, not
+            # written, so a token counts when the one before it is an answer token too.
+            answer = [[int(real and not ctx) for real, ctx in zip(mask, context)]
+                      for mask, context in zip(masks, rows["context_mask"])]
+            data["assistant_masks"] = self._as([[int(a and p > 0 and row[p - 1]) for p, a in enumerate(row)]
+                                                for row in answer], return_tensors)
         if images is not None:
             images_kwargs["return_tensors"] = return_tensors
             data["pixel_values"] = self.image_processor(images, **images_kwargs)["pixel_values"]
