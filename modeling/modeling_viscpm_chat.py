@@ -811,7 +811,10 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         for name in ("original_beam_search", "beam_temperature", "original_max_length", "decode_mode"):
             if hasattr(config, name):
                 delattr(config, name)  # settings of the original beam search: transformers' loop has no use for them
-        return super().generate(inputs, generation_config=config, **hooks, **kwargs)
+        # The settings go into the config copy (transformers warns when a config comes with settings beside it);
+        # what is left are the model's inputs.
+        model_kwargs = config.update(**kwargs)
+        return super().generate(inputs, generation_config=config, **hooks, **model_kwargs)
 
     def _generate_with_original_beam_search(self, inputs, config, kwargs, temperature, ext_table_mask, unk_allowed,
                                             hooks):

@@ -183,6 +183,21 @@ def test_transformers_loop_when_asked(setup):
     assert isinstance(beams, GenerateBeamDecoderOnlyOutput) and beams.sequences_scores.shape == (1,)
 
 
+def test_transformers_loop_takes_settings_without_a_deprecation_warning(setup):
+    """Settings passed to generate() reach transformers' loop inside the generation config, not beside it (which
+    transformers 5 warns about on every call of chat() with settings)."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    _, session, _, _, inputs = setup
+    hf_logging.warning_once.cache_clear()  # a warning already given once would not show again
+    with CaptureLogger(hf_logging.get_logger("transformers.generation.utils")) as captured:
+        out = session.model.generate(**inputs, original_beam_search=False, num_beams=1, do_sample=False,
+                                     max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+    assert len(out.scores) == 2  # the settings were honoured
+    assert "Passing `generation_config` together" not in captured.out
+
+
 def test_a_fresh_model_has_transformers_defaults(setup):
     _, session, _, _, inputs = setup
     fresh = type(session.model)(session.model.config).eval()
