@@ -51,7 +51,8 @@ def train(chat_args: ChatArguments, model_args: adapters.AdapterArguments, data_
     columns = {} if chat_args.text_only else {"image_column": data_args.image_column,
                                               "conversations_column": chat_args.conversations_column}
     with training_args.main_process_first(desc="preparing the data"):
-        rows = adapters.load_rows(data_args.source, columns, data_args.image_folder, split=data_args.split)
+        rows = adapters.load_rows(data_args.source, columns, data_args.image_folder, split=data_args.split,
+                                  streaming=data_args.streaming)
         processor = AutoProcessor.from_pretrained(model_args.model)
         if chat_args.text_only:
             train_data = adapters.prepare_text_dataset(rows, processor.tokenizer, **data_args.prepare_kwargs())
@@ -60,7 +61,7 @@ def train(chat_args: ChatArguments, model_args: adapters.AdapterArguments, data_
                 rows, processor, image_folder=data_args.image_folder, image_column=data_args.image_column,
                 conversations_column=chat_args.conversations_column, check_images=data_args.check_images,
                 **data_args.prepare_kwargs())
-    print(f"{len(train_data)} training examples", file=sys.stderr)
+    print(adapters.data.count_line(train_data), file=sys.stderr)
 
     load = {} if model_args.dtype is None else {"dtype": getattr(torch, model_args.dtype)}
     model = AutoModelForImageTextToText.from_pretrained(model_args.model, **load)

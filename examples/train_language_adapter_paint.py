@@ -51,14 +51,15 @@ def train(paint_args: PaintArguments, model_args: adapters.AdapterArguments, dat
     from viscpm import VisCPMPaintPipeline
 
     columns = {"image_column": data_args.image_column, "caption_column": paint_args.caption_column}
-    rows = adapters.load_rows(data_args.source, columns, data_args.image_folder, split=data_args.split)
+    rows = adapters.load_rows(data_args.source, columns, data_args.image_folder, split=data_args.split,
+                              streaming=data_args.streaming)
     load = {} if model_args.dtype is None else {"torch_dtype": getattr(torch, model_args.dtype)}
     pipe = VisCPMPaintPipeline.from_pretrained(model_args.model, **load)
     with training_args.main_process_first(desc="preparing the data"):
         train_data = adapters.prepare_paint_dataset(
             rows, pipe.tokenizer, image_column=data_args.image_column, caption_column=paint_args.caption_column,
             image_folder=data_args.image_folder, check_images=data_args.check_images, **data_args.prepare_kwargs())
-    print(f"{len(train_data)} training examples", file=sys.stderr)
+    print(adapters.data.count_line(train_data), file=sys.stderr)
 
     model = adapters.add_paint_adapter(
         pipe, r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,

@@ -9,7 +9,8 @@
 Stages (`viscpm.adapters.STAGES`): `chat-align` (vision encoder + query tokens + mapping on image-caption rows
 `{"image": path, "caption": text}`, CPM-Bee frozen, Adam 1e-5), `chat-instruct` (every Chat weight, or `--mode lora`,
 on LLaVA conversation rows, 1e-5 / LoRA 2e-4), `paint-align` (the UNet's cross-attention and the CPM-Bee -> UNet
-bridge on image-caption rows, CPM-Bee frozen, AdamW 1e-4; `--resolution`), `text-align` (CPM-Bee alone on text
+bridge on image-caption rows, CPM-Bee frozen, AdamW 1e-4; `--resolution`;
+`--text-feature-cache DIR`: CPM-Bee's output computed once and reused), `text-align` (CPM-Bee alone on text
 rows; usually `--mode lora`). The stage's learning rate and optimizer are the defaults; `--learning-rate`, `--optim`
 and `--weight-decay` override them. `--mode partial --modules ...` trains part of a stage (e.g. `query mapping`).
 
@@ -27,6 +28,7 @@ import sys
 
 from viscpm import adapters
 from viscpm.adapters import stages
+from viscpm.adapters.paint import text_feature_cache
 
 
 def load_model(stage: str, path: str, dtype):
@@ -51,20 +53,25 @@ def train(stage_args: stages.StageArguments, model_args: stages.StageModelArgume
     dtype = None if model_args.dtype is None else getattr(torch, model_args.dtype)
     stage = stage_args.stage
     with training_args.main_process_first(desc="preparing the data"):
-        rows = adapters.load_rows(data_args.source, image_folder=data_args.image_folder, split=data_args.split)
+        rows = adapters.load_rows(data_args.source, image_folder=data_args.image_folder, split=data_args.split,
+                                  streaming=data_args.streaming)
         model, processor = load_model(stage, model_args.model, dtype)
         train_data = stages.prepare_stage_dataset(
             stage, rows, processor, image_folder=data_args.image_folder, image_column=data_args.image_column,
             caption_column=stage_args.caption_column, conversations_column=stage_args.conversations_column,
             question=stage_args.question, check_images=data_args.check_images, **data_args.prepare_kwargs())
-    print(f"{len(train_data)} training examples", file=sys.stderr)
+        collator = stages.stage_collator(stage, processor, resolution=stage_args.resolution)
+        if stage_args.text_feature_cache:  # paint-align: CPM-Bee's output, computed once (the main process first)
+            cache = text_feature_cache(train_data, model.text_encoder, processor, stage_args.text_feature_cache)
+            train_data, collator = cache.dataset, cache.collator(processor, resolution=stage_args.resolution)
+    print(adapters.data.count_line(train_data), file=sys.stderr)
     lora = None
     if stage_args.mode == "lora":
         lora = dict(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                     target_modules=model_args.lora_target_modules)
     stages.train_stage(
         model, train_data, stage, mode=stage_args.mode, modules=stage_args.modules, processor=processor,
-        data_collator=stages.stage_collator(stage, processor, resolution=stage_args.resolution),
+        data_collator=collator,
         lora_config=lora, language=model_args.language, base_model=model_args.base_model or model_args.model,
         training_args=training_args, resume_from_checkpoint=model_args.resume, overwrite=model_args.overwrite)
 

@@ -1,6 +1,6 @@
 """The package's import graph keeps the design card's rules.
 
-    apps (cli, demo, web)  ->  user API (viscpm/*.py), adapters, conversion  ->  modeling
+    apps (cli, demo, web)  ->  evaluation  ->  user API (viscpm/*.py), adapters, conversion  ->  modeling
 
 Every import in the source (at module level or inside a function) of a module of the package is an edge. The
 rules: no cycles; ``modeling`` imports nothing of viscpm (it ships to the Hub as remote code); nothing outside
@@ -55,7 +55,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> str:
-    for layer in ("viscpm.modeling", "viscpm.conversion", "viscpm.apps", "viscpm.adapters"):
+    for layer in ("viscpm.modeling", "viscpm.conversion", "viscpm.apps", "viscpm.adapters", "viscpm.evaluation"):
         if module == layer or module.startswith(layer + "."):
             return layer.split(".")[1]
     return "api"
@@ -63,7 +63,7 @@ def _layer(module: str) -> str:
 
 def test_the_graph_sees_every_layer():
     graph = _graph()
-    assert {_layer(module) for module in graph} == {"modeling", "conversion", "apps", "adapters", "api"}
+    assert {_layer(module) for module in graph} == {"modeling", "conversion", "apps", "adapters", "api", "evaluation"}
     assert "viscpm.modeling.modeling_cpmbee" in graph["viscpm.modeling.modeling_viscpm_chat"]
     assert "viscpm.conversion.common" in graph["viscpm.conversion.convert_cpmbee"]
 
@@ -105,7 +105,8 @@ def test_imports_point_down():
         "conversion": {"conversion", "modeling"},
         "adapters": {"adapters", "api", "conversion", "modeling"},
         "api": {"api", "adapters", "conversion", "modeling"},
-        "apps": {"apps", "api", "adapters", "conversion", "modeling"},
+        "evaluation": {"evaluation", "api", "adapters", "conversion", "modeling"},
+        "apps": {"apps", "evaluation", "api", "adapters", "conversion", "modeling"},
     }
     wrong = [
         f"{module} -> {target}"

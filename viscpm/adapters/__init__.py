@@ -20,7 +20,9 @@ Text only (the "multilingual alignment" stage, no image): :func:`prepare_text_da
 The modules: ``data`` (rows, prompts, the one preparation path, collators), ``chat`` (Chat / CPM-Bee adapters:
 config, add, save, load), ``paint`` (Paint adapters), ``trainer`` (arguments, the output folder's rules, the train
 functions and what the training scripts share) and ``stages`` (the MpM recipe's stages as presets: what each trains,
-on which data, :func:`apply_stage`, :func:`train_stage`).
+on which data, :func:`apply_stage`, :func:`train_stage`); ``trl`` (TRL's ``SFTTrainer`` for VisCPM-Chat, with
+the ``train`` extra; not imported here). Large data: ``load_rows(..., streaming=True)``, and Paint's text-feature
+cache (:func:`text_feature_cache`).
 """
 
 from .chat import (
@@ -46,6 +48,7 @@ from .data import (
     chat_training_prompt,
     collate_text_features,
     conversation_turns,
+    is_streaming,
     load_conversations,
     load_rows,
     paint_caption_prompt,
@@ -59,9 +62,13 @@ from .data import (
 from .paint import (
     UNET_CROSS_ATTENTION_TARGETS,
     PaintAdapterModel,
+    TextFeatureCache,
     add_paint_adapter,
+    cache_text_features,
     load_paint_adapter,
+    load_text_features,
     save_paint_adapter,
+    text_feature_cache,
 )
 from .stages import (
     STAGE_RECORD,
@@ -107,21 +114,25 @@ __all__ = [
     "STAGES",
     "STAGE_RECORD",
     "StagePreset",
+    "TextFeatureCache",
     "UNET_CROSS_ATTENTION_TARGETS",
     "adapter_argument_parser",
     "adapter_folder_writer",
     "apply_stage",
+    "cache_text_features",
     "add_language_adapter",
     "add_paint_adapter",
     "chat_training_prompt",
     "check_output_dir",
     "collate_text_features",
     "conversation_turns",
+    "is_streaming",
     "language_adapter_config",
     "load_conversations",
     "load_language_adapters",
     "load_paint_adapter",
     "load_rows",
+    "load_text_features",
     "lora_target_pattern",
     "paint_caption_prompt",
     "prepare_caption_chat_dataset",
@@ -135,6 +146,7 @@ __all__ = [
     "save_language_adapter",
     "save_paint_adapter",
     "stage_collator",
+    "text_feature_cache",
     "text_training_prompt",
     "train_language_adapter",
     "train_paint_adapter",

@@ -5,6 +5,9 @@ Rows are LLaVA conversations (Chat), text rows (the alignment stage: CPM-Bee alo
 ``prepare_*`` function only says how one row becomes prompts and hands it to :func:`prepare_examples`, the one path
 that tokenizes, applies ``max_length`` and drops bad rows with a count in the log (or raises on the first one with
 ``on_bad_rows="raise"``). The collators pad examples into batches and open the images per batch.
+
+Corpora too big for memory are read as a stream (``load_rows(..., streaming=True)``: a `datasets.IterableDataset`);
+the same ``prepare_*`` functions then give a stream of the same examples, prepared as training reads them.
 """
 
 from __future__ import annotations
@@ -52,24 +55,36 @@ class BadDataError(AdapterError, ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_conversations(source: Any, split: str = "train", **load_kwargs):
-    """Rows to train on, as a `datasets.Dataset`.
+def is_streaming(dataset) -> bool:
+    """Whether ``dataset`` is a `datasets.IterableDataset` (rows read as a stream: no length, no random access)."""
+    import datasets
 
-    ``source`` is a `datasets.Dataset` (returned as is), a list of dicts, a JSON / JSONL / parquet / CSV file (or a
-    list of them), a folder that ``datasets.load_dataset`` understands (an image folder with ``metadata.jsonl``, or a
-    folder of data files) or a Hub dataset id. ``load_kwargs`` go to ``datasets.load_dataset``. Empty or unreadable
-    files are a `BadDataError` naming them.
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def load_conversations(source: Any, split: str = "train", streaming: bool = False, **load_kwargs):
+    """Rows to train on, as a `datasets.Dataset` (``streaming=True``: a `datasets.IterableDataset`, read lazily).
+
+    ``source`` is a `datasets.Dataset` / `IterableDataset` (returned as is, a map-style one made a stream with
+    ``streaming``), a list of dicts, a JSON / JSONL / parquet / CSV file (or a list of them), a folder that
+    ``datasets.load_dataset`` understands (an image folder with ``metadata.jsonl``, or a folder of data files) or a
+    Hub dataset id. ``load_kwargs`` go to ``datasets.load_dataset``. Empty or unreadable files are a `BadDataError`
+    naming them (when streaming: an unreadable first row; a bad file further on fails when the stream reaches it).
     """
     import datasets
 
-    if isinstance(source, datasets.Dataset):
-        return source
-    if isinstance(source, datasets.DatasetDict):
+    if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in source:
             raise BadDataError(f"the dataset has splits {sorted(source)}, not {split!r}: pick one with --split")
-        return source[split]
+        source = source[split]
+    if isinstance(source, datasets.IterableDataset):
+        return source
+    if isinstance(source, datasets.Dataset):
+        return source.to_iterable_dataset() if streaming else source
     if isinstance(source, (list, tuple)) and source and all(isinstance(row, Mapping) for row in source):
-        return datasets.Dataset.from_list([dict(row) for row in source])
+        rows = datasets.Dataset.from_list([dict(row) for row in source])
+        return rows.to_iterable_dataset() if streaming else rows
+    load_kwargs["streaming"] = streaming
     files = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not files:
         raise BadDataError("no data: the source is empty")
@@ -103,7 +118,10 @@ def _load_dataset(path: str, names: list[str], split: str, **kwargs):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        return datasets.load_dataset(path, split=split, **kwargs)
+        dataset = datasets.load_dataset(path, split=split, **kwargs)
+        if is_streaming(dataset):
+            next(iter(dataset))  # a stream reads nothing until asked: read its first row now, to fail here
+        return dataset
     except StopIteration:  # what the json builder raises for a file without rows
         raise BadDataError(f"{', '.join(names)} holds no rows: give a data file with training rows") from None
     except datasets.exceptions.DatasetGenerationError as error:
@@ -115,21 +133,41 @@ def _load_dataset(path: str, names: list[str], split: str, **kwargs):
             raise BadDataError(f"{', '.join(names)} holds no rows: give a data file with training rows") from None
         if "Unknown split" in str(error):
             raise BadDataError(f"{first_line(error).rstrip('.')} in {', '.join(names)}: pick one with --split") from None
+        if kwargs.get("streaming"):  # the parser's own error (pyarrow), met on the stream's first row
+            raise BadDataError(f"cannot read {', '.join(names)}: {first_line(error)} (fix the file: JSON Lines hold "
+                               "one object per line)") from None
         raise
     finally:
         datasets.logging.set_verbosity(verbosity)
 
 
+def row_columns(dataset) -> list[str]:
+    """The column names of ``dataset`` (of a stream whose columns are unknown until read: its first row's);
+    raises `BadDataError` when there is no row at all."""
+    if is_streaming(dataset):
+        first = next(iter(dataset), None)
+        empty = first is None
+        names = dataset.column_names or list(first or ())
+    else:
+        empty, names = len(dataset) == 0, dataset.column_names
+    if empty:
+        raise BadDataError("the data is empty")
+    return names
+
+
 def load_rows(source: Any, columns: Mapping[str, str] | None = None, image_folder: str | os.PathLike | None = None,
-              what: str = "training", split: str = "train"):
-    """The rows of :func:`load_conversations`, checked: at least one row, every column of ``columns`` (``{option:
-    column name}``, the option named in the error) present, and ``image_folder`` (when given) an existing folder."""
-    dataset = load_conversations(source, split=split)
-    if len(dataset) == 0:
-        raise BadDataError(f"no usable {what} examples: the data is empty")
+              what: str = "training", split: str = "train", streaming: bool = False):
+    """The rows of :func:`load_conversations` (a stream with ``streaming``), checked: at least one row, every column
+    of ``columns`` (``{option: column name}``, the option named in the error) present, and ``image_folder`` (when
+    given) an existing folder."""
+    dataset = load_conversations(source, split=split, streaming=streaming)
+    try:
+        names = row_columns(dataset)
+    except BadDataError:
+        raise BadDataError(f"no usable {what} examples: the data is empty") from None
     for option, column in (columns or {}).items():
-        if column not in dataset.column_names:
-            raise BadDataError(f"the data has no {column!r} column (columns: {dataset.column_names}): name the right "
+        if column not in names:
+            raise BadDataError(f"the data has no {column!r} column (columns: {names}): name the right "
                                f"one with --{option.replace('_', '-')}")
     if image_folder is not None and not Path(image_folder).expanduser().is_dir():
         raise BadDataError(f"image folder {image_folder} not found: --image-folder is where the images' relative "
@@ -322,16 +360,38 @@ def prepare_examples(
     all always raises. Rows come from :func:`load_rows` (``columns`` and ``image_folder`` are checked there).
     ``key`` (see :func:`cache_key`) names what ``row_examples`` does, for `datasets`' cache; without it `datasets`
     fingerprints ``row_examples`` itself.
+
+    A `datasets.IterableDataset` of rows (``load_rows(..., streaming=True)``) gives an `IterableDataset` of the same
+    examples, prepared lazily as the stream is read (see :func:`_stream_examples`).
     """
     import datasets
     from datasets.fingerprint import Hasher
 
     _check_option(on_bad_rows)
     dataset = load_rows(dataset, columns, image_folder, what)
+    streaming = is_streaming(dataset)
+    if streaming and num_proc is not None:
+        raise ValueError("num_proc prepares a map-style dataset; a stream is prepared as it is read: drop num_proc "
+                         "(--num-proc) and use the data loader's workers (--dataloader-num-workers)")
     for column in (columns or {}).values():  # image references stay undecoded; the collators open them per batch
-        if isinstance(dataset.features[column], datasets.Image):
+        if isinstance((dataset.features or {}).get(column), datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    names, total = dataset.column_names, len(dataset)
+    names = row_columns(dataset)
+    expand = _row_expander(row_examples, features, names, max_length)
+    types = datasets.Features({**features, "row_index": datasets.Value("int64"),
+                               "skip_reason": datasets.Value("string")})
+    if streaming:
+        return _stream_examples(dataset.map(expand, batched=True, with_indices=True, remove_columns=names,
+                                            features=types), what, on_bad_rows)
+    fingerprint = None if key is None else Hasher.hash([dataset._fingerprint, what, max_length, key])
+    expanded = dataset.map(expand, batched=True, with_indices=True, remove_columns=names, features=types,
+                           num_proc=num_proc, desc=f"{what} examples", new_fingerprint=fingerprint)
+    return _skip_bad_rows(expanded, what, on_bad_rows, len(dataset))
+
+
+def _row_expander(row_examples, features: Mapping, names: Sequence[str], max_length: int | None):
+    """The batched ``map`` function of :func:`prepare_examples` (map-style and streamed alike): each row's examples,
+    or one entry with the reason the row (or an example of it) is skipped."""
 
     def expand(batch, indices):
         out = {key: [] for key in (*features, "row_index", "skip_reason")}
@@ -351,12 +411,56 @@ def prepare_examples(
                 out["skip_reason"].append(str(example) if skipped else "")
         return out
 
-    types = datasets.Features({**features, "row_index": datasets.Value("int64"),
-                               "skip_reason": datasets.Value("string")})
-    fingerprint = None if key is None else Hasher.hash([dataset._fingerprint, what, max_length, key])
-    expanded = dataset.map(expand, batched=True, with_indices=True, remove_columns=names, features=types,
-                           num_proc=num_proc, desc=f"{what} examples", new_fingerprint=fingerprint)
-    return _skip_bad_rows(expanded, what, on_bad_rows, total)
+    return expand
+
+
+class _StreamedBadRows:
+    """The filter of a streamed preparation: keeps good examples; a bad one is counted by reason (a log line when
+    the count reaches 1, 2, 4, 8, ...: the stream has no end to report at) or raises with ``on_bad_rows="raise"``.
+    Each data-loader worker counts its own share."""
+
+    def __init__(self, what: str, on_bad_rows: str):
+        self.what, self.on_bad_rows, self.reasons = what, on_bad_rows, Counter()
+
+    def __call__(self, reason: str, row_index: int) -> bool:
+        if not reason:
+            return True
+        if self.on_bad_rows == RAISE:
+            raise BadDataError(f"{self.what} row {row_index}: {reason} (a bad row in the stream; pass "
+                               "on_bad_rows='skip' to drop such rows)")
+        self.reasons[reason] += 1
+        total = sum(self.reasons.values())
+        if total & (total - 1) == 0:
+            logger.warning("skipped %d streamed %s rows so far: %s", total, self.what,
+                           ", ".join(f"{n} {why}" for why, n in self.reasons.most_common()))
+        return False
+
+
+def _stream_examples(expanded, what: str, on_bad_rows: str):
+    """The examples of a streamed preparation, bad rows filtered out by :class:`_StreamedBadRows`. The stream is read
+    here up to its first usable example, so that data with none (every row bad) fails now, not in the Trainer."""
+
+    def examples(counter):
+        return expanded.filter(counter, input_columns=["skip_reason", "row_index"]).remove_columns("skip_reason")
+
+    probe = _StreamedBadRows(what, on_bad_rows)
+    if next(iter(examples(probe)), None) is None:
+        raise BadDataError(f"no usable {what} examples" + (f" (skipped: {dict(probe.reasons)})" if probe.reasons
+                                                           else ""))
+    return examples(_StreamedBadRows(what, on_bad_rows))
+
+
+def count_line(dataset) -> str:
+    """What the training scripts print about their examples: their number, or that they are streamed."""
+    return "streaming the training examples" if is_streaming(dataset) else f"{len(dataset)} training examples"
+
+
+def check_streaming_steps(dataset, args) -> None:
+    """A stream has no length, so `Trainer` cannot count its epochs: refuse one without ``max_steps`` up front, in one
+    line that says what to give."""
+    if is_streaming(dataset) and not (args.max_steps and args.max_steps > 0):
+        raise AdapterError("the training data is streamed (--streaming: it has no length, so epochs cannot be "
+                           "counted): give the number of optimizer steps with --max-steps N (max_steps=N)")
 
 
 def _skip_bad_rows(dataset, what: str, on_bad_rows: str, total: int):
@@ -628,12 +732,19 @@ class ChatAdapterCollator:
 
 class PaintAdapterCollator:
     """Batches of :func:`prepare_paint_dataset` examples: captions right-padded (one ext table), images resized on
-    the shorter side, centre-cropped to ``resolution`` and scaled to [-1, 1] (the VAE's input)."""
+    the shorter side, centre-cropped to ``resolution`` and scaled to [-1, 1] (the VAE's input).
 
-    def __init__(self, tokenizer, resolution: int = 512, random_flip: bool = False):
+    Examples of a text-feature cache (:func:`~viscpm.adapters.paint.cache_text_features`) also carry CPM-Bee's states
+    (``text_states``, ``[tokens, hidden]``); they are padded with ``text_pad_state``, the state CPM-Bee gives a padded
+    position (the UNet attends to those too), into ``text_states`` ``[batch, seq, hidden]``.
+    """
+
+    def __init__(self, tokenizer, resolution: int = 512, random_flip: bool = False,
+                 text_pad_state: torch.Tensor | None = None):
         self.tokenizer = tokenizer
         self.resolution = int(resolution)
         self.random_flip = random_flip
+        self.text_pad_state = text_pad_state
 
     def _pixels(self, image) -> torch.Tensor:
         import numpy as np
@@ -655,4 +766,13 @@ class PaintAdapterCollator:
         batch = collate_text_features(features, self.tokenizer.ext_offset, self.tokenizer.pad_token_id,
                                       keys=TEXT_KEYS[:-1])
         batch["pixel_values"] = torch.stack([self._pixels(image) for image in open_batch_images(features)])
+        if features[0].get("text_states") is not None:
+            if self.text_pad_state is None:
+                raise ValueError("these examples carry cached text features (text_states): batch them with the "
+                                 "cache's collator (TextFeatureCache.collator), which knows the padding's state")
+            states = self.text_pad_state.float().repeat(len(features), batch["input_ids"].shape[1], 1)
+            for row, feature in enumerate(features):
+                cached = torch.as_tensor(feature["text_states"], dtype=torch.float32)
+                states[row, :len(cached)] = cached
+            batch["text_states"] = states
         return batch

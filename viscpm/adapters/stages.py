@@ -53,14 +53,16 @@ from .data import (
     BadDataError,
     ChatAdapterCollator,
     PaintAdapterCollator,
+    is_streaming,
     load_rows,
     prepare_caption_chat_dataset,
     prepare_chat_dataset,
     prepare_paint_dataset,
     prepare_text_dataset,
+    row_columns,
 )
 from .paint import PaintAdapterModel
-from .trainer import AdapterArguments, _require, _train, _training_args, check_output_dir
+from .trainer import AdapterArguments, _require, _train, _training_args, check_output_dir, fsdp_requested, seed_run
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +348,7 @@ def prepare_stage_dataset(stage: str, rows, processor, image_folder: str | os.Pa
     Rows of another stage's format are a `BadDataError` that names the stage they fit."""
     preset = get_stage(stage)
     rows = load_rows(rows, what=preset.name)
-    columns = set(rows.column_names)
+    columns = set(row_columns(rows))
     has_captions, has_conversations = caption_column in columns, conversations_column in columns
     expected = DATA_FORMATS[preset.data]
     if preset.data in ("captions", "paint") and not has_captions:
@@ -384,7 +386,7 @@ def stage_collator(stage: str, processor, resolution: int = 512, random_flip: bo
 
 def _check_examples(preset: StagePreset, dataset) -> None:
     """Refuse raw rows, an empty dataset, or examples of another stage's layout, before anything is trained."""
-    if dataset is None or len(dataset) == 0:
+    if dataset is None or (not is_streaming(dataset) and len(dataset) == 0):  # a stream: checked when prepared
         raise BadDataError(f"no {preset.name} training examples: the dataset is empty")
     columns = set(getattr(dataset, "column_names", None) or ())
     if "input_ids" not in columns:
@@ -533,6 +535,7 @@ def train_stage(
         raise AdapterError(f"mode={mode!r} trains the base model's own weights, and this is a PeftModel: pass the "
                            "base model, or mode='lora'")
     pipeline = model if _model_kind(model) == "paint" and not isinstance(model, nn.Module) else None
+    seed_run(args)  # before the LoRA weights are drawn: --seed makes them the same in every run and process
     model, names = prepare_stage(model, preset.name, mode, modules, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -570,9 +573,9 @@ def train_stage(
 
 def _check_engines(preset: StagePreset, mode: str, args: TrainingArguments) -> None:
     """The final folder is saved from the unsharded model: refuse the engines that shard it."""
-    if preset.model == "paint" and (args.deepspeed or args.fsdp):
+    if preset.model == "paint" and (args.deepspeed or fsdp_requested(args)):
         raise AdapterError("Paint stages train on one device or under torchrun (DDP): drop --deepspeed / --fsdp")
-    if mode != "lora" and args.fsdp:
+    if mode != "lora" and fsdp_requested(args):
         raise AdapterError(f"{preset.name} ({mode}) saves the unsharded model: run it under torchrun (DDP) or "
                            "DeepSpeed ZeRO-1/2, not FSDP")
     if mode != "lora" and args.deepspeed:
@@ -619,6 +622,9 @@ class StageArguments:
     question: str = field(default=CAPTION_QUESTION, metadata={"help": "chat-align: the question each caption "
                                                                         "answers."})
     resolution: int = field(default=512, metadata={"help": "paint-align: image side (pixels) to train at."})
+    text_feature_cache: str | None = field(default=None, metadata={
+        "help": "paint-align: a folder for CPM-Bee's text features, computed once (built on the first run, reused "
+                "while model and data match, rebuilt when they change); training then never runs CPM-Bee."})
 
     def wanted(self) -> dict:
         """The run these arguments ask for, as :func:`check_stage_output` takes it."""
@@ -631,6 +637,9 @@ class StageArguments:
                  "--modules goes with --mode partial (or lora: the parts trained in full next to the adapter)")
         _require(self.mode != "partial" or bool(self.modules), "--mode partial needs --modules")
         _require(self.resolution >= 8, f"--resolution must be at least 8, got {self.resolution}")
+        _require(self.text_feature_cache is None or (self.stage == "paint-align" and self.mode != "lora"),
+                 "--text-feature-cache stands for a frozen CPM-Bee: it goes with --stage paint-align (mode full or "
+                 "partial)")
 
 
 def stage_defaults(argv: Sequence[str]) -> dict:

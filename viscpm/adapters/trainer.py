@@ -31,7 +31,7 @@ from transformers import HfArgumentParser, SchedulerType, TrainerCallback, Train
 from ..conversion.common import ScriptArgumentParser, first_line, looks_like_repo_id, shorten
 from .chat import ADAPTER_ENTRIES, LORA_TARGET_MODULES, STAGING_PREFIX, add_language_adapter, lora_target_pattern
 from .chat import save_language_adapter
-from .data import AdapterError
+from .data import AdapterError, check_streaming_steps
 from .paint import PaintAdapterModel, save_paint_adapter, write_paint_adapter
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,15 @@ class DataArguments:
         default="skip", metadata={"help": "Bad rows (missing/corrupt image, empty text): skip with a count, or stop."})
     check_images: bool = field(default=True, metadata={"help": "Open every image before training."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for data preparation."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read the rows as a stream (a datasets IterableDataset, prepared as training reads it): for corpora "
+                "too big for memory or the datasets cache; needs --max-steps."})
 
     def __post_init__(self):
         _require(self.max_length >= 1, f"--max-length must be at least 1, got {self.max_length}")
         _require(self.num_proc is None or self.num_proc >= 1, f"--num-proc must be at least 1, got {self.num_proc}")
+        _require(not (self.streaming and self.num_proc), "--num-proc prepares a map-style dataset; a stream is "
+                                                         "prepared as it is read: use --dataloader-num-workers")
 
     @property
     def source(self):
@@ -286,12 +291,46 @@ def _training_args(output_dir, training_args: TrainingArguments | None, override
     return training_args
 
 
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """Whether the run asks for FSDP: ``--fsdp``, or ``accelerate launch`` with an FSDP config (which sets
+    ``ACCELERATE_USE_FSDP`` and leaves ``args.fsdp`` empty)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_fsdp_device(args: TrainingArguments) -> None:
+    """Refuse ``--fsdp`` where accelerate would silently train without it: accelerate (1.16) turns FSDP on only for
+    several accelerators (GPUs, XPUs, ...), so on the CPU or a single device outside ``torchrun`` the run would be
+    plain DDP (or one process) with every weight unsharded."""
+    from accelerate.utils import DistributedType
+
+    state = getattr(args, "distributed_state", None)
+    if fsdp_requested(args) and state is not None and state.distributed_type in (DistributedType.NO,
+                                                                                 DistributedType.MULTI_CPU):
+        where = "on the CPU" if state.device.type == "cpu" else "in one process"
+        raise AdapterError(f"--fsdp shards the model over several GPUs, and this run is {where}, where accelerate "
+                           "would ignore it: drop --fsdp (torchrun gives DDP), or launch on GPUs with torchrun / "
+                           "accelerate launch")
+
+
+def seed_run(args: TrainingArguments) -> None:
+    """Seed every RNG from ``args.seed`` as `Trainer` does, but before a LoRA adapter is drawn (`Trainer` seeds only
+    when it is built, after the adapter's random initialisation): the same ``--seed`` then gives the same run."""
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
 def _train(model, train_dataset, save: Callable[[Path], Any], args: TrainingArguments, resume_from_checkpoint,
            overwrite, owned: Sequence[str] = (), **trainer_kwargs):
     """What the train functions do with their checked ``args`` (`_training_args`): apply the output folder's rules
     (``owned``: see :func:`check_output_dir`), train, check the weights, write the result (main process only)."""
     from transformers import Trainer
 
+    check_streaming_steps(train_dataset, args)  # before the folder is touched
+    check_fsdp_device(args)
     checkpoint = prepare_output_dir(args, resume_from_checkpoint, overwrite, owned)
     if args.activation_checkpointing:  # frozen embeddings give no grad to the checkpointed blocks' inputs
         model.enable_input_require_grads()
@@ -337,7 +376,9 @@ def train_language_adapter(
     """
     from peft import PeftModel
 
+    args = _training_args(output_dir, training_args, training_overrides)
     if not isinstance(model, PeftModel):
+        seed_run(args)
         model = add_language_adapter(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("training %d of %d parameters (%.3f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -345,7 +386,6 @@ def train_language_adapter(
     def save(folder):
         save_language_adapter(model, folder, language=language, base_model=base_model)
 
-    args = _training_args(output_dir, training_args, training_overrides)
     return _train(model, train_dataset, save, args, resume_from_checkpoint, overwrite, data_collator=data_collator,
                   eval_dataset=eval_dataset, callbacks=callbacks)
 
@@ -374,7 +414,7 @@ def train_paint_adapter(model: PaintAdapterModel, train_dataset, output_dir: str
     DeepSpeed and FSDP are refused (the adapters are saved from the unsharded parts). Returns ``(model,
     train_output)``."""
     args = _training_args(output_dir, training_args, training_overrides)
-    if args.deepspeed or args.fsdp:
+    if args.deepspeed or fsdp_requested(args):
         raise AdapterError("Paint adapters train on one device or under torchrun (DDP): drop --deepspeed / --fsdp")
 
     def save(folder):

@@ -7,6 +7,7 @@
     viscpm serve MODEL_CHAT MODEL_PAINT [--port N]  # the gradio web app
     viscpm api CHAT_MODEL [--paint PAINT_MODEL]     # an OpenAI-compatible HTTP API (FastAPI + uvicorn)
     viscpm push DIR REPO_ID [...]                   # upload to the Hugging Face Hub (conversion/push_to_hub.py)
+    viscpm eval llava-bench BENCH_DIR ...           # benchmarks (viscpm/apps/eval.py): LLaVA-bench with a judge
 
 Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C). Errors are one line on stderr
 that says what to do; ``--debug`` (anywhere before a ``--``) shows the traceback too. Ctrl-C ends any command with
@@ -49,6 +50,7 @@ from .common import (
     load_paint,
     paint_images,
 )
+from .eval import add_eval_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -459,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("push", parents=[common], add_help=False,
                         help="upload a converted folder or adapter to the Hugging Face Hub (`viscpm push --help`)")
     parser.commands.update(demo=_demo_parser(commands, [common]), serve=_serve_parser(commands, [common, runtime]),
-                           api=_api_parser(commands, [common, runtime]))
+                           api=_api_parser(commands, [common, runtime]),
+                           eval=add_eval_parser(commands, [common, runtime]))
     return parser
 
 
